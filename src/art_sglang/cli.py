@@ -1,0 +1,105 @@
+"""`art-sglang`: model (materialize the small model), chat (one request through a managed server), doctor."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from .config import DeviceConfig, SGLangConfig, gpu_count, place
+from .errors import ArtSGLangError
+
+
+def _model(args: argparse.Namespace) -> int:
+    from .models import small_model
+
+    print(small_model(args.cache))
+    return 0
+
+
+async def _chat(args: argparse.Namespace) -> None:
+    import httpx
+
+    from .models import check_model_dir, small_model
+    from .paths import server_log
+    from .server import SGLangServer
+
+    model = check_model_dir(args.model) if args.model else small_model()
+    placement = place(DeviceConfig(), gpu_count())
+    log_path = server_log("quickstart", "chat", args.art_path)
+    server = SGLangServer(model, SGLangConfig(max_total_tokens=16384), log_path=log_path,
+                          device=placement.inference_device, enable_lora=False, served_model_name="smollm2")
+    print(f"[art-sglang] mode: {placement.mode} ({placement.reason})")
+    print(f"[art-sglang] starting SGLang {server.sglang_version} on {model} (log: {log_path}) ...")
+    started = time.monotonic()
+    await server.start()
+    try:
+        print(f"[art-sglang] server healthy at {server.base_url} after {time.monotonic() - started:.0f} s")
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as http:
+            t0 = time.monotonic()
+            r = await http.post("/v1/chat/completions", json={
+                "model": "smollm2", "messages": [{"role": "user", "content": args.prompt}],
+                "max_tokens": args.max_tokens, "temperature": 0.0, "logprobs": True,
+            })
+            r.raise_for_status()
+            body = r.json()
+        choice = body["choices"][0]
+        n = len(choice["logprobs"]["content"])
+        print(f"\nuser: {args.prompt}\nassistant: {choice['message']['content']}\n")
+        print(f"[art-sglang] {n} tokens with logprobs in {time.monotonic() - t0:.1f} s; "
+              f"weight_version={body.get('metadata', {}).get('weight_version')}")
+    finally:
+        server.stop()
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    import importlib.metadata as md
+
+    from .server.venv import find_server_python
+
+    n = gpu_count()
+    placement = place(DeviceConfig(), n)
+    print(f"GPUs found: {n}")
+    print(f"mode: {placement.mode} ({placement.reason})")
+    print(f"weight sync: {SGLangConfig().weight_sync_method}")
+    for pkg in ("openpipe-art", "torch", "transformers", "peft"):
+        try:
+            print(f"{pkg}: {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            print(f"{pkg}: MISSING (run `bash scripts/setup_sglang.sh`)")
+    ok = True
+    try:
+        sp = find_server_python()
+        print(f"server python: {sp.path} (sglang {sp.sglang_version})")
+    except ArtSGLangError as e:
+        ok = False
+        print(f"server python: MISSING\n  {e}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="art-sglang", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("model", help="materialize SmolLM2-135M-Instruct offline (once) and print its path")
+    p.add_argument("--cache", type=Path, default=None, help="cache root (default $ART_SGLANG_CACHE)")
+    p.set_defaults(run=_model)
+    p = sub.add_parser("chat", help="start a managed SGLang server and answer one chat request")
+    p.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
+    p.add_argument("--model", type=Path, default=None, help="a local model directory (default: the small model)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--art-path", type=Path, default=Path(".art"))
+    p.set_defaults(run=lambda a: asyncio.run(_chat(a)) or 0)
+    p = sub.add_parser("doctor", help="what was found, what would run, and what to fix")
+    p.set_defaults(run=_doctor)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ArtSGLangError as e:
+        print(f"art-sglang: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""ART's file layout: `.art/<project>/models/<name>/` with checkpoints/, trajectories/, logs/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_ART_PATH = ".art"
+
+
+def model_dir(project: str, name: str, art_path: str | Path = DEFAULT_ART_PATH) -> Path:
+    return Path(art_path) / project / "models" / name
+
+
+def server_log(project: str, name: str, art_path: str | Path = DEFAULT_ART_PATH) -> Path:
+    return model_dir(project, name, art_path) / "logs" / "sglang.log"

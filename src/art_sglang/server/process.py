@@ -1,0 +1,318 @@
+"""SGLangServer: one SGLang server process tree, owned from start to reaping.
+
+The server runs from its own venv, in its own process group, bound to loopback. It is stopped by that group
+(SIGTERM, then SIGKILL after a grace period), also at interpreter exit, and never by name. Any process of its
+tree dying is a crash that `check_alive` reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+
+from ..config import SGLangConfig
+from ..errors import PortInUseError, ServerCrashedError, ServerStartError
+from .venv import find_server_python
+
+log = logging.getLogger(__name__)
+
+CPU_LAUNCH_DIR = Path(__file__).parent / "cpu_launch"
+CPU_DEFAULT_MAX_TOTAL_TOKENS = 131072
+_live: weakref.WeakSet[SGLangServer] = weakref.WeakSet()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise PortInUseError(
+                f"Port {port} on {host} is already in use ({e.strerror}). Stop whatever listens there, choose "
+                "another SGLangConfig(port=...), or leave port=None to take a free one."
+            ) from None
+
+
+def _process_group_members(pgid: int) -> set[int]:
+    """Live (non-zombie) processes whose process group is `pgid`, read from /proc."""
+    members = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state, ppid, pgrp, ...
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            members.add(int(entry.name))
+    return members
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM the launcher if the process that started it dies (even by kill -9)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class SGLangServer:
+    """A real SGLang server for one model.
+
+    `device` is the GPU index for `CUDA_VISIBLE_DEVICES`, or None for the CPU (which starts through our
+    launcher so that LoRA works there). `await start()` returns once `/health` answers 200.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: SGLangConfig,
+        *,
+        log_path: str | Path,
+        device: int | None,
+        enable_lora: bool = True,
+        memory_saver: bool = False,
+        served_model_name: str | None = None,
+        weight_version: str | None = None,
+    ) -> None:
+        self.model_path = str(model_path)
+        self.config = config
+        self.log_path = Path(log_path)
+        self.device = device
+        self.enable_lora = enable_lora
+        self.memory_saver = memory_saver
+        self.served_model_name = served_model_name
+        self.weight_version = weight_version
+        self.port: int | None = config.port
+        self.restarts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tree: set[int] = set()
+        self._python = find_server_python(config.server_python)
+
+    # -- what is launched -------------------------------------------------------------------------------
+    @property
+    def sglang_version(self) -> str:
+        return self._python.sglang_version
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the server has no port until start()")
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def command(self) -> list[str]:
+        c = self.config
+        cmd = [
+            str(self._python.path), "-m", "sglang.launch_server",
+            "--model-path", self.model_path,
+            "--host", c.host, "--port", str(self.port),
+            "--tp-size", str(c.tensor_parallel_size), "--dp-size", str(c.data_parallel_size),
+            "--mem-fraction-static", str(c.mem_fraction_static),
+            "--dtype", c.dtype,
+            "--enable-cache-report",
+        ]
+        if self.served_model_name:
+            cmd += ["--served-model-name", self.served_model_name]
+        if self.weight_version:
+            cmd += ["--weight-version", self.weight_version]
+        if c.context_length:
+            cmd += ["--context-length", str(c.context_length)]
+        if c.disable_radix_cache:
+            cmd += ["--disable-radix-cache"]
+        if self.enable_lora:
+            cmd += [
+                "--enable-lora", "--max-lora-rank", str(c.max_lora_rank),
+                "--lora-target-modules", *c.lora_target_modules,
+                "--max-loras-per-batch", str(c.max_loras_per_batch),
+            ]
+        if self.device is None:
+            cmd += [
+                "--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
+                "--disable-cuda-graph", "--sleep-on-idle",
+                "--max-total-tokens", str(c.max_total_tokens or CPU_DEFAULT_MAX_TOTAL_TOKENS),
+            ]
+            if self.enable_lora:
+                cmd += ["--lora-backend", "torch_native"]  # the only LoRA backend that runs on the CPU
+        elif c.max_total_tokens:
+            cmd += ["--max-total-tokens", str(c.max_total_tokens)]
+        if self.memory_saver:
+            cmd += ["--enable-memory-saver"]
+        return cmd + list(c.server_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)  # the project venv's paths must not leak into the server venv
+        env["SGL_DISABLE_TP_MEMORY_INBALANCE_CHECK"] = "True"
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.device is None:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            env["SGLANG_USE_CPU_ENGINE"] = "1"  # without it the rotary embedding imports vllm
+            env["OMP_NUM_THREADS"] = str(self.config.cpu_threads)
+            env["ART_SGLANG_NO_PIN_MEMORY"] = "1"
+            env["PYTHONPATH"] = str(CPU_LAUNCH_DIR)  # its sitecustomize reaches every spawned process
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.device)
+        return env
+
+    # -- life cycle -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Launch and wait for health; on timeout or early exit, stop the tree and raise with the log tail."""
+        if self.running:
+            raise RuntimeError("the server is already running")
+        if self.port is None:
+            self.port = free_port(self.config.host)
+        else:
+            check_port_free(self.config.host, self.port)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"\n=== art_sglang: starting at {time.strftime('%F %T')}: {' '.join(cmd)}\n".encode())
+            logf.flush()
+            self._proc = subprocess.Popen(
+                cmd, env=self.environment(), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        _live.add(self)
+        log.info("SGLang server starting (pid %d, %s); log: %s", self._proc.pid, self.base_url, self.log_path)
+        try:
+            await self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        self._tree = _process_group_members(self._proc.pid)
+
+    async def _wait_healthy(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.config.server_timeout
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            while True:
+                code = self._proc.poll()
+                if code is not None:
+                    raise ServerStartError(
+                        f"The SGLang server exited with code {code} during start-up (log: {self.log_path}).",
+                        self.log_tail(),
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"{self.base_url}/health")).status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise ServerStartError(
+                        f"The SGLang server was not healthy within server_timeout={self.config.server_timeout:g}"
+                        f" s (log: {self.log_path}). Raise SGLangConfig(server_timeout=...) or "
+                        "ART_SERVER_TIMEOUT if it is only slow.",
+                        self.log_tail(),
+                    )
+                await asyncio.sleep(0.5)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM the process group, SIGKILL it after `grace` seconds, and reap the launcher."""
+        proc, self._proc = self._proc, None
+        _live.discard(self)
+        if proc is None:
+            return
+        pgid = proc.pid  # start_new_session: the launcher leads its own group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()
+            if not _process_group_members(pgid):
+                break
+            time.sleep(0.1)
+        else:
+            log.warning("SGLang server did not stop within %.0f s of SIGTERM; sending SIGKILL", grace)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        self._tree = set()
+
+    async def restart(self, model_path: str | Path | None = None, weight_version: str | None = None) -> None:
+        """Stop and start again on the same port (clients keep their URL), optionally on new weights."""
+        await asyncio.to_thread(self.stop)
+        if model_path is not None:
+            self.model_path = str(model_path)
+        if weight_version is not None:
+            self.weight_version = weight_version
+        self.restarts += 1
+        await self.start()
+
+    # -- crash detection --------------------------------------------------------------------------------
+    def crash_reason(self) -> str | None:
+        """None while the whole tree lives; otherwise what died."""
+        if self._proc is None:
+            return "the server is not running"
+        code = self._proc.poll()
+        if code is not None:
+            return f"the launcher (pid {self._proc.pid}) exited with code {code}"
+        dead = sorted(p for p in self._tree if not _alive(p))
+        if dead:
+            return f"server process(es) {dead} died"
+        return None
+
+    def check_alive(self) -> None:
+        reason = self.crash_reason()
+        if reason is not None:
+            raise ServerCrashedError(f"The SGLang server crashed: {reason} (log: {self.log_path}).", self.log_tail())
+
+    async def watch(self, on_crash: Callable[[str], Awaitable[None]], interval: float = 0.5) -> None:
+        """Poll the tree until it dies, then await `on_crash(reason)` once. Run it as a task; cancel to stop."""
+        while True:
+            await asyncio.sleep(interval)
+            if self._proc is None:
+                return
+            reason = self.crash_reason()
+            if reason is not None:
+                log.error("SGLang server crashed: %s", reason)
+                await on_crash(reason)
+                return
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_live):
+        server.stop(grace=10.0)
