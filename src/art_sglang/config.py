@@ -16,6 +16,8 @@ Mode = Literal["cpu", "shared", "split"]
 # Environment variables the package reads.
 ENV_SERVER_TIMEOUT = "ART_SERVER_TIMEOUT"
 ENV_SERVER_PYTHON = "ART_SGLANG_SERVER_PYTHON"
+# SGLang also binds port + 10000 (gRPC) and refuses to start when that exceeds 65535.
+MAX_PORT = 55535
 
 
 def _is_int(value: object) -> bool:
@@ -154,8 +156,9 @@ class SGLangConfig:
         t = self.server_timeout
         if isinstance(t, bool) or not isinstance(t, int | float) or t <= 0:
             raise ConfigError("server_timeout", t, f"seconds > 0 (also settable with {ENV_SERVER_TIMEOUT})")
-        if self.port is not None and (not _is_int(self.port) or not 0 < self.port < 65536):
-            raise ConfigError("port", self.port, "None (a free port) or an integer in 1..65535")
+        if self.port is not None and (not _is_int(self.port) or not 0 < self.port <= MAX_PORT):
+            raise ConfigError("port", self.port, f"None (a free port) or an integer in 1..{MAX_PORT} (SGLang also "
+                              "binds port + 10000)")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
         if not isinstance(self.server_args, list) or not all(isinstance(a, str) for a in self.server_args):

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from ..config import SGLangConfig
+from ..config import MAX_PORT, SGLangConfig
 from ..errors import PortInUseError, ServerCrashedError, ServerStartError
 from .venv import find_server_python
 
@@ -35,9 +36,16 @@ _live: weakref.WeakSet[SGLangServer] = weakref.WeakSet()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free port below MAX_PORT (SGLang also claims port + 10000 for gRPC and refuses ports above)."""
+    for _ in range(200):
+        port = random.randrange(20000, MAX_PORT)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found on {host} in 20000..{MAX_PORT}")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -173,6 +181,7 @@ class SGLangServer:
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)  # the project venv's paths must not leak into the server venv
         env["SGL_DISABLE_TP_MEMORY_INBALANCE_CHECK"] = "True"
+        env["SGLANG_DISABLE_TP_MEMORY_INBALANCE_CHECK"] = "True"  # the name newer releases read
         env["PYTHONUNBUFFERED"] = "1"
         if self.device is None:
             env["CUDA_VISIBLE_DEVICES"] = ""

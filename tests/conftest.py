@@ -1,0 +1,49 @@
+"""Shared fixtures. Servers are real SGLang servers on 127.0.0.1 serving SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from art_sglang import SGLangClient, SGLangConfig, SGLangServer
+from art_sglang.models import small_model
+
+# The server and the tests share two cores: keep each to one thread.
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def server_config(**overrides) -> SGLangConfig:
+    """A small CPU server: fp32 so that its logprobs match PEFT's, a small KV pool."""
+    values = dict(dtype="float32", max_total_tokens=8192, max_lora_rank=16, max_loras_per_batch=2,
+                  server_timeout=240.0)
+    values.update(overrides)
+    return SGLangConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return small_model(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+async def lora_server(model_path, log_dir):
+    """One LoRA-enabled server shared by the tests that only talk to it (start-up costs 20-40 s)."""
+    server = SGLangServer(model_path, server_config(), log_path=log_dir / "lora-server.log", device=None)
+    await server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def client(lora_server):
+    async with SGLangClient(lora_server.base_url) as c:
+        yield c

@@ -1,0 +1,113 @@
+"""Configuration: defaults of the design's tables, every invalid value, environment overrides, placement."""
+
+from __future__ import annotations
+
+import pytest
+
+from art_sglang import ConfigError, DeviceConfig, SGLangConfig
+from art_sglang.config import place
+
+
+def test_defaults_match_the_design_tables():
+    d = DeviceConfig()
+    assert (d.inference_device, d.training_devices, d.auto_detect) == (0, [1], True)
+    c = SGLangConfig()
+    assert c.mem_fraction_static == 0.9
+    assert c.disable_radix_cache is False
+    assert c.max_loras_per_batch == 4
+    assert c.context_length is None
+    assert c.weight_sync_method == "lora"
+    assert c.flush_cache_on_sync is False
+    assert c.server_timeout == 120.0
+    assert c.tensor_parallel_size == 1
+    assert (c.port, c.host, c.server_python, c.weight_sync_method) == (None, "127.0.0.1", None, "lora")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "hint"),
+    [
+        ({"mem_fraction_static": 0.0}, "mem_fraction_static", "(0, 1]"),
+        ({"mem_fraction_static": 1.5}, "mem_fraction_static", "(0, 1]"),
+        ({"mem_fraction_static": "0.9"}, "mem_fraction_static", "(0, 1]"),
+        ({"weight_sync_method": "nccl"}, "weight_sync_method", "lora, disk, restart"),
+        ({"max_loras_per_batch": 0}, "max_loras_per_batch", ">= 1"),
+        ({"tensor_parallel_size": 0}, "tensor_parallel_size", ">= 1"),
+        ({"data_parallel_size": -1}, "data_parallel_size", ">= 1"),
+        ({"context_length": 0}, "context_length", ">= 1"),
+        ({"max_total_tokens": -5}, "max_total_tokens", ">= 1"),
+        ({"server_timeout": 0}, "server_timeout", "> 0"),
+        ({"server_timeout": -3.0}, "server_timeout", "> 0"),
+        ({"port": 70000}, "port", "1..55535"),
+        ({"port": 60000}, "port", "port + 10000"),
+        ({"dtype": "fp8"}, "dtype", "float32"),
+        ({"server_args": "--foo"}, "server_args", "list of strings"),
+        ({"lora_target_modules": []}, "lora_target_modules", "non-empty"),
+        ({"max_lora_rank": 0}, "max_lora_rank", ">= 1"),
+        ({"cpu_threads": 0}, "cpu_threads", ">= 1"),
+        ({"weight_sync_method": "tensor", "tensor_parallel_size": 2}, "weight_sync_method", "#3726"),
+        ({"data_parallel_size": 2, "weight_sync_method": "disk"}, "data_parallel_size", "#4283"),
+        ({"data_parallel_size": 2, "weight_sync_method": "tensor"}, "data_parallel_size", "#4283"),
+    ],
+)
+def test_invalid_sglang_config_names_field_value_and_allowed(kwargs, field, hint):
+    with pytest.raises(ConfigError) as err:
+        SGLangConfig(**kwargs)
+    assert err.value.field == field
+    message = str(err.value)
+    assert message.startswith(f"{field}=")
+    assert hint in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "hint"),
+    [
+        ({"inference_device": -1}, "inference_device", ">= 0"),
+        ({"training_devices": [-2]}, "training_devices", ">= 0"),
+        ({"training_devices": []}, "training_devices", "non-empty"),
+        ({"training_devices": [1, 1]}, "training_devices", "at most once"),
+        ({"inference_device": 0, "training_devices": [0, 1]}, "training_devices", "shared mode"),
+    ],
+)
+def test_invalid_device_config(kwargs, field, hint):
+    with pytest.raises(ConfigError) as err:
+        DeviceConfig(**kwargs)
+    assert err.value.field == field
+    assert hint in str(err.value)
+
+
+def test_valid_combinations_are_accepted():
+    SGLangConfig(weight_sync_method="tensor", tensor_parallel_size=1)
+    SGLangConfig(data_parallel_size=2, weight_sync_method="lora")
+    SGLangConfig(mem_fraction_static=1.0, port=8000, context_length=4096)
+    DeviceConfig(inference_device=2, training_devices=[2])  # shared mode on GPU 2
+
+
+def test_server_timeout_env_override(monkeypatch):
+    monkeypatch.setenv("ART_SERVER_TIMEOUT", "180")
+    assert SGLangConfig().server_timeout == 180.0
+    assert SGLangConfig(server_timeout=30).server_timeout == 180.0
+    monkeypatch.setenv("ART_SERVER_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="ART_SERVER_TIMEOUT='soon'"):
+        SGLangConfig()
+    monkeypatch.setenv("ART_SERVER_TIMEOUT", "-1")
+    with pytest.raises(ConfigError, match="server_timeout"):
+        SGLangConfig()
+
+
+@pytest.mark.parametrize(
+    ("gpus", "mode", "inference", "training"),
+    [(0, "cpu", None, []), (1, "shared", 0, [0]), (2, "split", 0, [1]), (4, "split", 0, [1, 2, 3])],
+)
+def test_auto_detect_placement(gpus, mode, inference, training):
+    p = place(DeviceConfig(), gpus)
+    assert (p.mode, p.inference_device, p.training_devices) == (mode, inference, training)
+    assert p.reason
+
+
+def test_explicit_placement():
+    p = place(DeviceConfig(inference_device=1, training_devices=[2, 3], auto_detect=False), 4)
+    assert (p.mode, p.inference_device, p.training_devices) == ("split", 1, [2, 3])
+    p = place(DeviceConfig(inference_device=0, training_devices=[0], auto_detect=False), 1)
+    assert p.mode == "shared"
+    with pytest.raises(ConfigError, match=r"GPU\(s\) \[2, 3\] do not exist: 2 visible"):
+        place(DeviceConfig(inference_device=0, training_devices=[2, 3], auto_detect=False), 2)
