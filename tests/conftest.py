@@ -18,8 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def server_config(**overrides) -> SGLangConfig:
     """A small CPU server: fp32 so that its logprobs match PEFT's, a small KV pool."""
-    values = dict(dtype="float32", max_total_tokens=8192, max_lora_rank=16, max_loras_per_batch=2,
-                  server_timeout=240.0)
+    values = dict(dtype="float32", max_total_tokens=8192, max_lora_rank=16, max_loras_per_batch=2, server_timeout=240.0)
     values.update(overrides)
     return SGLangConfig(**values)
 

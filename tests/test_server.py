@@ -36,8 +36,7 @@ def tokenizer(model_path):
 
 def chat_ids(tokenizer, text: str, system: str | None = None) -> list[int]:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                              return_dict=False))
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
 def teacher_forced_logprobs(model, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
@@ -79,8 +78,9 @@ async def test_repeated_prompt_is_cached_and_flush_resets(client, tokenizer):
 async def test_lora_adapter_matches_peft_and_unloads(client, tokenizer, model_path, tmp_path):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     peft_model = get_peft_model(base, config).eval()
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -99,7 +99,7 @@ async def test_lora_adapter_matches_peft_and_unloads(client, tokenizer, model_pa
 
     # PEFT's own greedy continuation and its teacher-forced logprobs on SGLang's tokens (fp32 both sides).
     with torch.no_grad():
-        peft_ids = peft_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
+        peft_ids = peft_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :]
     assert lora_out.output_ids == peft_ids.tolist()[: len(lora_out.output_ids)]
     expected = teacher_forced_logprobs(peft_model, prompt, lora_out.output_ids)
     diff = (expected - torch.tensor(lora_out.output_logprobs)).abs()
@@ -151,8 +151,9 @@ async def test_api_errors_carry_the_server_message(client):
 
 
 async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, tmp_path):
-    server = SGLangServer(model_path, server_config(max_total_tokens=2048), log_path=tmp_path / "s.log",
-                          device=None, enable_lora=False)
+    server = SGLangServer(
+        model_path, server_config(max_total_tokens=2048), log_path=tmp_path / "s.log", device=None, enable_lora=False
+    )
     await server.start()
     try:
         pgid = server.pid
@@ -182,8 +183,9 @@ async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, 
 
 
 async def test_startup_timeout_raises_with_log_tail_and_cleans_up(model_path, tmp_path):
-    server = SGLangServer(model_path, server_config(server_timeout=3.0), log_path=tmp_path / "slow.log",
-                          device=None, enable_lora=False)
+    server = SGLangServer(
+        model_path, server_config(server_timeout=3.0), log_path=tmp_path / "slow.log", device=None, enable_lora=False
+    )
     t0 = time.monotonic()
     with pytest.raises(ServerStartError, match="not healthy within server_timeout=3 s") as err:
         await server.start()
@@ -193,8 +195,13 @@ async def test_startup_timeout_raises_with_log_tail_and_cleans_up(model_path, tm
 
 
 async def test_early_exit_raises_with_log_tail(model_path, tmp_path):
-    server = SGLangServer(model_path, server_config(server_args=["--no-such-flag"]), log_path=tmp_path / "bad.log",
-                          device=None, enable_lora=False)
+    server = SGLangServer(
+        model_path,
+        server_config(server_args=["--no-such-flag"]),
+        log_path=tmp_path / "bad.log",
+        device=None,
+        enable_lora=False,
+    )
     with pytest.raises(ServerStartError, match="exited with code") as err:
         await server.start()
     assert "--no-such-flag" in err.value.log_tail
@@ -212,8 +219,9 @@ async def test_port_in_use_is_a_clear_error(model_path, tmp_path):
 
 def test_missing_server_venv_names_the_setup_command(model_path, tmp_path, monkeypatch):
     with pytest.raises(ServerNotInstalledError, match=r"bash scripts/setup_sglang.sh"):
-        SGLangServer(model_path, server_config(server_python="/nonexistent/bin/python"), log_path=tmp_path / "x",
-                     device=None)
+        SGLangServer(
+            model_path, server_config(server_python="/nonexistent/bin/python"), log_path=tmp_path / "x", device=None
+        )
     monkeypatch.setenv("ART_SGLANG_SERVER_PYTHON", "/usr/bin/true")
     with pytest.raises(ServerNotInstalledError, match=r"has no sglang"):
         SGLangServer(model_path, server_config(), log_path=tmp_path / "x", device=None)
@@ -238,14 +246,18 @@ def test_cpu_launcher_makes_pin_memory_a_no_op(lora_server):
     """The sitecustomize that every CPU server process imports (what lets --enable-lora start there)."""
     import subprocess
 
-    probe = ("import torch; a = torch.empty(4, pin_memory=True); b = torch.zeros(2).pin_memory(); "
-             "c = torch.tensor([1], pin_memory=True); print(a.is_pinned(), b.is_pinned(), c.shape[0])")
+    probe = (
+        "import torch; a = torch.empty(4, pin_memory=True); b = torch.zeros(2).pin_memory(); "
+        "c = torch.tensor([1], pin_memory=True); print(a.is_pinned(), b.is_pinned(), c.shape[0])"
+    )
     env = lora_server.environment()
-    out = subprocess.run([str(lora_server._python.path), "-c", probe], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [str(lora_server._python.path), "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "1"]
     env.pop("ART_SGLANG_NO_PIN_MEMORY")
-    out = subprocess.run([str(lora_server._python.path), "-c", probe], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [str(lora_server._python.path), "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode != 0  # without the launcher, pinning needs a CUDA driver

@@ -29,8 +29,14 @@ async def _chat(args: argparse.Namespace) -> None:
     model = check_model_dir(args.model) if args.model else small_model()
     placement = place(DeviceConfig(), gpu_count())
     log_path = server_log("quickstart", "chat", args.art_path)
-    server = SGLangServer(model, SGLangConfig(max_total_tokens=16384), log_path=log_path,
-                          device=placement.inference_device, enable_lora=False, served_model_name="smollm2")
+    server = SGLangServer(
+        model,
+        SGLangConfig(max_total_tokens=16384),
+        log_path=log_path,
+        device=placement.inference_device,
+        enable_lora=False,
+        served_model_name="smollm2",
+    )
     print(f"[art-sglang] mode: {placement.mode} ({placement.reason})")
     print(f"[art-sglang] starting SGLang {server.sglang_version} on {model} (log: {log_path}) ...")
     started = time.monotonic()
@@ -39,17 +45,25 @@ async def _chat(args: argparse.Namespace) -> None:
         print(f"[art-sglang] server healthy at {server.base_url} after {time.monotonic() - started:.0f} s")
         async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as http:
             t0 = time.monotonic()
-            r = await http.post("/v1/chat/completions", json={
-                "model": "smollm2", "messages": [{"role": "user", "content": args.prompt}],
-                "max_tokens": args.max_tokens, "temperature": 0.0, "logprobs": True,
-            })
+            r = await http.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "smollm2",
+                    "messages": [{"role": "user", "content": args.prompt}],
+                    "max_tokens": args.max_tokens,
+                    "temperature": 0.0,
+                    "logprobs": True,
+                },
+            )
             r.raise_for_status()
             body = r.json()
         choice = body["choices"][0]
         n = len(choice["logprobs"]["content"])
         print(f"\nuser: {args.prompt}\nassistant: {choice['message']['content']}\n")
-        print(f"[art-sglang] {n} tokens with logprobs in {time.monotonic() - t0:.1f} s; "
-              f"weight_version={body.get('metadata', {}).get('weight_version')}")
+        print(
+            f"[art-sglang] {n} tokens with logprobs in {time.monotonic() - t0:.1f} s; "
+            f"weight_version={body.get('metadata', {}).get('weight_version')}"
+        )
     finally:
         server.stop()
 

@@ -144,8 +144,13 @@ class SGLangConfig:
             raise ConfigError("mem_fraction_static", f, "a fraction in (0, 1]")
         if self.weight_sync_method not in SYNC_METHODS:
             raise ConfigError("weight_sync_method", self.weight_sync_method, f"one of {', '.join(SYNC_METHODS)}")
-        for name in ("max_loras_per_batch", "tensor_parallel_size", "data_parallel_size", "max_lora_rank",
-                     "cpu_threads"):
+        for name in (
+            "max_loras_per_batch",
+            "tensor_parallel_size",
+            "data_parallel_size",
+            "max_lora_rank",
+            "cpu_threads",
+        ):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ConfigError(name, v, "an integer >= 1")
@@ -157,8 +162,9 @@ class SGLangConfig:
         if isinstance(t, bool) or not isinstance(t, int | float) or t <= 0:
             raise ConfigError("server_timeout", t, f"seconds > 0 (also settable with {ENV_SERVER_TIMEOUT})")
         if self.port is not None and (not _is_int(self.port) or not 0 < self.port <= MAX_PORT):
-            raise ConfigError("port", self.port, f"None (a free port) or an integer in 1..{MAX_PORT} (SGLang also "
-                              "binds port + 10000)")
+            raise ConfigError(
+                "port", self.port, f"None (a free port) or an integer in 1..{MAX_PORT} (SGLang also binds port + 10000)"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
         if not isinstance(self.server_args, list) or not all(isinstance(a, str) for a in self.server_args):

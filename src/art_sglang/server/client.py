@@ -119,8 +119,12 @@ class SGLangClient:
             raise ValueError("generate() takes exactly one of text= or input_ids=")
         body: dict[str, Any] = {"sampling_params": sampling_params or {}, "return_logprob": return_logprob}
         body.update({"text": text} if text is not None else {"input_ids": input_ids})
-        for key, value in (("lora_path", lora_path), ("rid", rid), ("logprob_start_len", logprob_start_len),
-                           ("top_logprobs_num", top_logprobs_num)):
+        for key, value in (
+            ("lora_path", lora_path),
+            ("rid", rid),
+            ("logprob_start_len", logprob_start_len),
+            ("top_logprobs_num", top_logprobs_num),
+        ):
             if value is not None:
                 body[key] = value
         return GenerateOutput.from_json(await self._call("POST", "/generate", body))
@@ -151,10 +155,16 @@ class SGLangClient:
     ) -> dict[str, Any]:
         """Load new base weights from a directory. Never flush while requests run: it kills the server
         (pause first and pass flush_cache=False, or abort_all_requests=True)."""
-        return await self._call("POST", "/update_weights_from_disk", {
-            "model_path": model_path, "weight_version": weight_version,
-            "flush_cache": flush_cache, "abort_all_requests": abort_all_requests,
-        })
+        return await self._call(
+            "POST",
+            "/update_weights_from_disk",
+            {
+                "model_path": model_path,
+                "weight_version": weight_version,
+                "flush_cache": flush_cache,
+                "abort_all_requests": abort_all_requests,
+            },
+        )
 
     async def update_weights_from_tensor(
         self,
@@ -173,31 +183,64 @@ class SGLangClient:
         buf = io.BytesIO()
         ForkingPickler(buf).dump(named_tensors)
         payload = base64.b64encode(buf.getvalue()).decode()
-        return await self._call("POST", "/update_weights_from_tensor", {
-            "serialized_named_tensors": [payload] * tp_size,
-            "weight_version": weight_version, "flush_cache": flush_cache,
-        })
+        return await self._call(
+            "POST",
+            "/update_weights_from_tensor",
+            {
+                "serialized_named_tensors": [payload] * tp_size,
+                "weight_version": weight_version,
+                "flush_cache": flush_cache,
+            },
+        )
 
     async def init_weights_update_group(
-        self, *, master_address: str, master_port: int, rank_offset: int, world_size: int,
-        group_name: str = "weight_update_group", backend: str = "nccl",
+        self,
+        *,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str = "weight_update_group",
+        backend: str = "nccl",
     ) -> dict[str, Any]:
-        return await self._call("POST", "/init_weights_update_group", {
-            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
-            "world_size": world_size, "group_name": group_name, "backend": backend,
-        })
+        return await self._call(
+            "POST",
+            "/init_weights_update_group",
+            {
+                "master_address": master_address,
+                "master_port": master_port,
+                "rank_offset": rank_offset,
+                "world_size": world_size,
+                "group_name": group_name,
+                "backend": backend,
+            },
+        )
 
     async def update_weights_from_distributed(
-        self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
-        group_name: str = "weight_update_group", weight_version: str | None = None, flush_cache: bool = True,
+        self,
+        *,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str = "weight_update_group",
+        weight_version: str | None = None,
+        flush_cache: bool = True,
     ) -> dict[str, Any]:
         info = await self._capabilities()
         if info.get("dp_size", 1) > 1:
             raise CapabilityError("update_weights_from_distributed needs a server with dp_size=1 (SGLang #4283).")
-        return await self._call("POST", "/update_weights_from_distributed", {
-            "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
-            "weight_version": weight_version, "flush_cache": flush_cache,
-        })
+        return await self._call(
+            "POST",
+            "/update_weights_from_distributed",
+            {
+                "names": names,
+                "dtypes": dtypes,
+                "shapes": shapes,
+                "group_name": group_name,
+                "weight_version": weight_version,
+                "flush_cache": flush_cache,
+            },
+        )
 
     # -- LoRA -------------------------------------------------------------------------------------------
     async def load_lora_adapter(self, name: str, path: str, *, pinned: bool = False) -> dict[str, Any]:
@@ -205,8 +248,7 @@ class SGLangClient:
         info = await self._capabilities()
         if not info.get("enable_lora"):
             raise CapabilityError("This SGLang server was started without --enable-lora; it cannot load adapters.")
-        return await self._call("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path,
-                                                               "pinned": pinned})
+        return await self._call("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": pinned})
 
     async def unload_lora_adapter(self, name: str) -> dict[str, Any]:
         """Unload; SGLang waits until no running request uses it."""

@@ -141,12 +141,23 @@ class SGLangServer:
     def command(self) -> list[str]:
         c = self.config
         cmd = [
-            str(self._python.path), "-m", "sglang.launch_server",
-            "--model-path", self.model_path,
-            "--host", c.host, "--port", str(self.port),
-            "--tp-size", str(c.tensor_parallel_size), "--dp-size", str(c.data_parallel_size),
-            "--mem-fraction-static", str(c.mem_fraction_static),
-            "--dtype", c.dtype,
+            str(self._python.path),
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            self.model_path,
+            "--host",
+            c.host,
+            "--port",
+            str(self.port),
+            "--tp-size",
+            str(c.tensor_parallel_size),
+            "--dp-size",
+            str(c.data_parallel_size),
+            "--mem-fraction-static",
+            str(c.mem_fraction_static),
+            "--dtype",
+            c.dtype,
             "--enable-cache-report",
         ]
         if self.served_model_name:
@@ -159,15 +170,26 @@ class SGLangServer:
             cmd += ["--disable-radix-cache"]
         if self.enable_lora:
             cmd += [
-                "--enable-lora", "--max-lora-rank", str(c.max_lora_rank),
-                "--lora-target-modules", *c.lora_target_modules,
-                "--max-loras-per-batch", str(c.max_loras_per_batch),
+                "--enable-lora",
+                "--max-lora-rank",
+                str(c.max_lora_rank),
+                "--lora-target-modules",
+                *c.lora_target_modules,
+                "--max-loras-per-batch",
+                str(c.max_loras_per_batch),
             ]
         if self.device is None:
             cmd += [
-                "--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
-                "--disable-cuda-graph", "--sleep-on-idle",
-                "--max-total-tokens", str(c.max_total_tokens or CPU_DEFAULT_MAX_TOTAL_TOKENS),
+                "--device",
+                "cpu",
+                "--attention-backend",
+                "torch_native",
+                "--sampling-backend",
+                "pytorch",
+                "--disable-cuda-graph",
+                "--sleep-on-idle",
+                "--max-total-tokens",
+                str(c.max_total_tokens or CPU_DEFAULT_MAX_TOTAL_TOKENS),
             ]
             if self.enable_lora:
                 cmd += ["--lora-backend", "torch_native"]  # the only LoRA backend that runs on the CPU
@@ -208,8 +230,13 @@ class SGLangServer:
             logf.write(f"\n=== art_sglang: starting at {time.strftime('%F %T')}: {' '.join(cmd)}\n".encode())
             logf.flush()
             self._proc = subprocess.Popen(
-                cmd, env=self.environment(), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                cmd,
+                env=self.environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         _live.add(self)
         log.info("SGLang server starting (pid %d, %s); log: %s", self._proc.pid, self.base_url, self.log_path)

@@ -22,8 +22,22 @@ if os.environ.get("ART_SGLANG_NO_PIN_MEMORY") == "1":
 
         return wrapper
 
-    for _name in ("empty", "zeros", "ones", "full", "tensor", "empty_like", "zeros_like", "ones_like",
-                  "full_like", "arange", "rand", "randn", "randint", "empty_strided"):
+    for _name in (
+        "empty",
+        "zeros",
+        "ones",
+        "full",
+        "tensor",
+        "empty_like",
+        "zeros_like",
+        "ones_like",
+        "full_like",
+        "arange",
+        "rand",
+        "randn",
+        "randint",
+        "empty_strided",
+    ):
         if hasattr(torch, _name):
             setattr(torch, _name, _unpinned(getattr(torch, _name)))
 
