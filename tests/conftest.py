@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network: skip litellm's fetch
 
-from art_sglang import SGLangClient, SGLangConfig, SGLangServer
-from art_sglang.models import small_model
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from art_sglang import SGLangClient, SGLangConfig, SGLangServer  # noqa: E402
+from art_sglang.models import small_model  # noqa: E402
 
 # The server and the tests share two cores: keep each to one thread.
 torch.set_num_threads(1)
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def server_config(**overrides) -> SGLangConfig:

@@ -1,0 +1,88 @@
+"""ART's RL losses ("cispo" and "ppo") with ART's option names and semantics, on target-aligned tensors.
+
+All tensors are [batch, tokens] and aligned to the token being predicted: `new_logprobs[b, t]` is the trainer's
+log-probability of target token t, `old_logprobs[b, t]` the sampler's (nan where unknown: treated as sampled
+by the current policy). tests/test_loss.py checks this against `art.loss.loss_fn` to 1e-6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+@dataclass
+class LossConfig:
+    loss_fn: Literal["cispo", "ppo"] = "cispo"
+    epsilon: float | None = None  # None: 0.2 for ppo, 1.0 for cispo
+    epsilon_high: float | None = None  # None: epsilon for ppo, 4.0 for cispo
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    kl_penalty_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss_fn not in ("cispo", "ppo"):
+            raise ValueError(f"loss_fn={self.loss_fn!r} is invalid: 'cispo' or 'ppo'")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(
+                f"importance_sampling_level={self.importance_sampling_level!r} is invalid: 'token' or 'sequence'"
+            )
+
+    def clip_range(self) -> tuple[float, float]:
+        if self.loss_fn == "ppo":
+            eps = 0.2 if self.epsilon is None else self.epsilon
+            high = eps if self.epsilon_high is None else self.epsilon_high
+        else:
+            eps = 1.0 if self.epsilon is None else self.epsilon
+            high = 4.0 if self.epsilon_high is None else self.epsilon_high
+        return 1 - eps, 1 + high
+
+
+@dataclass
+class LossTerms:
+    policy_loss_sum: torch.Tensor  # sum over tokens of loss * weight * mask; divide by the token count for ART's mean
+    kl_policy_ref: torch.Tensor | None
+
+
+def sequence_mean(values: torch.Tensor, seq_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each masked token gets the mean of `values` over the masked tokens of its sequence."""
+    ids = torch.where(mask > 0, seq_ids, 0).long()
+    size = int(ids.max().item()) + 1
+    sums = torch.zeros(size, dtype=values.dtype, device=values.device).index_add(0, ids.flatten(), values.flatten())
+    counts = torch.zeros(size, dtype=values.dtype, device=values.device).index_add(
+        0, ids.flatten(), torch.ones_like(values).flatten()
+    )
+    return (sums / counts.clamp(min=1))[ids]
+
+
+def policy_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    seq_ids: torch.Tensor,
+    config: LossConfig,
+    ref_logprobs: torch.Tensor | None = None,
+) -> LossTerms:
+    """`seq_ids` numbers the sequences from 1 (0 = padding); it matters for sequence-level importance sampling."""
+    mask = mask.to(new_logprobs.dtype)
+    old = torch.where(torch.isnan(old_logprobs), new_logprobs.detach(), old_logprobs)
+    diff = new_logprobs - old
+    if config.importance_sampling_level == "sequence":
+        ratio = torch.exp(sequence_mean(diff, seq_ids, mask))
+    else:
+        ratio = torch.exp(diff)
+    kl = None
+    if config.kl_penalty_coef > 0 and ref_logprobs is not None:
+        # ART's KL shaping: tokens that drift further from the reference than average lose advantage.
+        kl_per_token = (new_logprobs - ref_logprobs).detach() * mask
+        kl = kl_per_token.sum() / (mask.sum() + 1e-6)
+        advantages = advantages + config.kl_penalty_coef * (kl - kl_per_token) * mask
+    low, high = config.clip_range()
+    if config.loss_fn == "ppo":
+        loss = -torch.min(ratio * advantages, torch.clip(ratio, low, high) * advantages)
+    else:  # CISPO: clipped, detached importance weight times the REINFORCE term
+        loss = -(torch.clip(ratio.detach(), low, high) * advantages * new_logprobs)
+    return LossTerms((loss * weights * mask).sum(), kl)
