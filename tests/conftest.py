@@ -18,6 +18,19 @@ from art_sglang.models import small_model  # noqa: E402
 torch.set_num_threads(1)
 
 
+def _undo_arts_transformers_patch() -> None:
+    """`import art` replaces a transformers masking helper with one written for the transformers ART pins; on
+    ours it breaks every forward pass. Our trainer workers never import art; tests that run models in-process
+    next to art put the original back."""
+    import art.transformers.patches as patches
+    from transformers import masking_utils
+
+    masking_utils._preprocess_mask_arguments = patches._preprocess_mask_arguments
+
+
+_undo_arts_transformers_patch()
+
+
 def server_config(**overrides) -> SGLangConfig:
     """A small CPU server: fp32 so that its logprobs match PEFT's, a small KV pool."""
     values = dict(dtype="float32", max_total_tokens=8192, max_lora_rank=16, max_loras_per_batch=2, server_timeout=240.0)

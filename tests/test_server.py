@@ -23,7 +23,7 @@ from art_sglang import (
     SGLangClient,
     SGLangServer,
 )
-from art_sglang.server.process import _process_group_members
+from art_sglang.procs import process_group_members
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
 LONG_SYSTEM = "You are a careful assistant. " * 40
@@ -158,7 +158,7 @@ async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, 
     try:
         pgid = server.pid
         assert server.crash_reason() is None
-        children = _process_group_members(pgid) - {pgid}
+        children = process_group_members(pgid) - {pgid}
         assert children, "SGLang runs its scheduler in child processes"
         crashes: list[str] = []
 
@@ -178,7 +178,7 @@ async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, 
         pgid = server.pid
     finally:
         server.stop()
-    assert not _process_group_members(pgid)
+    assert not process_group_members(pgid)
     assert "=== art_sglang: starting" in (tmp_path / "s.log").read_text()
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import logging
 import os
 import random
@@ -26,6 +25,7 @@ import httpx
 
 from ..config import MAX_PORT, SGLangConfig
 from ..errors import PortInUseError, ServerCrashedError, ServerStartError
+from ..procs import alive, die_with_parent, process_group_members
 from .venv import find_server_python
 
 log = logging.getLogger(__name__)
@@ -57,37 +57,6 @@ def check_port_free(host: str, port: int) -> None:
                 f"Port {port} on {host} is already in use ({e.strerror}). Stop whatever listens there, choose "
                 "another SGLangConfig(port=...), or leave port=None to take a free one."
             ) from None
-
-
-def _process_group_members(pgid: int) -> set[int]:
-    """Live (non-zombie) processes whose process group is `pgid`, read from /proc."""
-    members = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command: state, ppid, pgrp, ...
-        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-        if int(pgrp) == pgid and state != "Z":
-            members.add(int(entry.name))
-    return members
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM the launcher if the process that started it dies (even by kill -9)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class SGLangServer:
@@ -236,7 +205,7 @@ class SGLangServer:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         _live.add(self)
         log.info("SGLang server starting (pid %d, %s); log: %s", self._proc.pid, self.base_url, self.log_path)
@@ -245,7 +214,7 @@ class SGLangServer:
         except BaseException:
             self.stop()
             raise
-        self._tree = _process_group_members(self._proc.pid)
+        self._tree = process_group_members(self._proc.pid)
 
     async def _wait_healthy(self) -> None:
         assert self._proc is not None
@@ -286,7 +255,7 @@ class SGLangServer:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             proc.poll()
-            if not _process_group_members(pgid):
+            if not process_group_members(pgid):
                 break
             time.sleep(0.1)
         else:
@@ -315,7 +284,7 @@ class SGLangServer:
         code = self._proc.poll()
         if code is not None:
             return f"the launcher (pid {self._proc.pid}) exited with code {code}"
-        dead = sorted(p for p in self._tree if not _alive(p))
+        dead = sorted(p for p in self._tree if not alive(p))
         if dead:
             return f"server process(es) {dead} died"
         return None

@@ -17,25 +17,11 @@ from art import Trajectory, TrajectoryGroup
 from openai.types.chat.chat_completion import Choice
 
 from ..errors import ArtSGLangError
+from .sequence import Sequence
 
 
 class TrajectoryError(ArtSGLangError, ValueError):
     """A trajectory cannot be trained on as given; the message names it and the fix."""
-
-
-@dataclass
-class Sequence:
-    """One training sequence. `logprobs[i]` is the sampler's logprob of `token_ids[i]` (nan where not sampled)."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    mask: list[bool]  # True on sampled (trainable) tokens
-    advantage: float
-    weight: float  # ART: 1 / (trainable tokens of the trajectory)
-    group: int  # index of the trajectory group it came from
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
 
 
 @dataclass

@@ -1,0 +1,352 @@
+"""Trainer worker processes and the TrainerGroup that drives them.
+
+Each worker is a fresh interpreter started with its device mask (`CUDA_VISIBLE_DEVICES`) already in its
+environment, so torch never sees other GPUs. Several workers form a data-parallel group over
+torch.distributed (NCCL on GPUs, gloo on the CPU): each trains on its share of the batch, gradients are summed,
+and every rank takes the same optimizer step. Workers run in their own process group and are stopped by it.
+A worker that dies makes the pending call raise `TrainerCrashedError` with its log tail, never hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import weakref
+from dataclasses import asdict
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtSGLangError
+from ..procs import die_with_parent
+from .core import StepOptions, TrainerSettings
+from .sequence import Sequence
+
+_SRC = str(Path(__file__).resolve().parents[2])  # the directory holding art_sglang
+KEY_ENV = "ART_SGLANG_TRAINER_KEY"
+_live: weakref.WeakSet[TrainerGroup] = weakref.WeakSet()
+
+
+class TrainerCrashedError(ArtSGLangError):
+    """A trainer worker died or failed; carries the tail of its log."""
+
+
+# -- the worker side (runs in the child process) ------------------------------------------------------------
+def _worker_main(address: str, rank: int, world_size: int, dist_port: int) -> None:
+    host, port = address.rsplit(":", 1)
+    conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ.pop(KEY_ENV)))
+    conn.send(("hello", rank, os.getpid()))
+    import torch
+
+    from .core import PolicyTrainer
+
+    settings = TrainerSettings(**conn.recv())
+    grad_sync = None
+    if world_size > 1:
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)  # the only GPU this process can see
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{dist_port}", rank=rank, world_size=world_size)
+
+        def grad_sync(grads: list[torch.Tensor]) -> None:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    trainer = PolicyTrainer(settings, grad_sync)
+    conn.send(("ok", {"device": str(trainer.device), "dtype": str(trainer.dtype)}))
+    handlers = {
+        "train": lambda sequences, options: trainer.train_step(sequences, options),
+        "logprobs": lambda sequences: trainer.sequence_logprobs(sequences),
+        "save_checkpoint": lambda directory, step: str(trainer.save_checkpoint(directory, step)),
+        "load_checkpoint": lambda directory: trainer.load_checkpoint(directory),
+        "export_merged": lambda directory: trainer.export_merged(directory),
+        "offload": lambda: trainer.offload(),
+        "reload": lambda: trainer.reload(),
+        "exit_now": lambda code: os._exit(code),  # for tests of crash handling
+    }
+    while True:
+        try:
+            command, kwargs = conn.recv()
+        except EOFError:
+            return
+        if command == "shutdown":
+            conn.send(("ok", None))
+            return
+        try:
+            conn.send(("ok", handlers[command](**kwargs)))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
+# -- the driving side (runs in the user's process) ---------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TrainerGroup:
+    """One worker per training device (GPU index), or `cpu_workers` workers on the CPU when `devices` is empty."""
+
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        *,
+        devices: list[int],
+        log_dir: str | Path,
+        cpu_workers: int = 1,
+        cpu_threads: int = 1,
+        start_timeout: float = 600.0,
+    ) -> None:
+        self.settings = settings
+        self.devices = list(devices)
+        self.world_size = len(devices) if devices else cpu_workers
+        self.log_dir = Path(log_dir)
+        self.cpu_threads = cpu_threads
+        self.start_timeout = start_timeout
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._conns: list[Connection] = []
+        self._busy = asyncio.Lock()
+
+    def log_path(self, rank: int) -> Path:
+        return self.log_dir / f"trainer-{rank}.log"
+
+    def _env(self, rank: int, key: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env[KEY_ENV] = key
+        env["PYTHONPATH"] = os.pathsep.join([_SRC, *filter(None, [env.get("PYTHONPATH")])])
+        env["CUDA_VISIBLE_DEVICES"] = str(self.devices[rank]) if self.devices else ""
+        if not self.devices:
+            env["OMP_NUM_THREADS"] = str(self.cpu_threads)
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    async def start(self) -> dict[str, Any]:
+        key = secrets.token_hex(16)
+        listener = Listener(("127.0.0.1", 0), authkey=bytes.fromhex(key))
+        address = f"{listener.address[0]}:{listener.address[1]}"
+        dist_port = _free_port()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        settings = asdict(self.settings)
+        if not self.devices:
+            settings.setdefault("threads", self.cpu_threads)
+            settings["threads"] = settings["threads"] or self.cpu_threads
+        for rank in range(self.world_size):
+            code = (
+                f"from art_sglang.trainer.worker import _worker_main; "
+                f"_worker_main({address!r}, {rank}, {self.world_size}, {dist_port})"
+            )
+            with open(self.log_path(rank), "ab") as log:
+                log.write(f"\n=== art_sglang trainer rank {rank} starting at {time.strftime('%F %T')}\n".encode())
+                log.flush()
+                self._procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", code],
+                        env=self._env(rank, key),
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        preexec_fn=die_with_parent,
+                    )
+                )
+        try:
+            conns: dict[int, Connection] = {}
+            deadline = time.monotonic() + self.start_timeout
+            while len(conns) < self.world_size:
+                conn = await asyncio.to_thread(self._accept, listener, deadline)
+                _, rank, _pid = conn.recv()
+                conns[rank] = conn
+            self._conns = [conns[r] for r in range(self.world_size)]
+            for conn in self._conns:
+                conn.send(settings)
+            replies = await self._collect("start", deadline=time.monotonic() + self.start_timeout)
+            _live.add(self)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            listener.close()
+        return replies[0]
+
+    def _accept(self, listener: Listener, deadline: float) -> Connection:
+        sock = listener._listener._socket  # a timeout lets us notice workers that die before connecting
+        while True:
+            self._check_processes("start")
+            if time.monotonic() > deadline:
+                raise TrainerCrashedError(
+                    f"trainer workers did not start within {self.start_timeout:g} s" + self._tails()
+                )
+            sock.settimeout(0.5)
+            try:
+                return listener.accept()
+            except TimeoutError:
+                continue
+
+    def _check_processes(self, what: str) -> None:
+        for rank, proc in enumerate(self._procs):
+            code = proc.poll()
+            if code is not None:
+                self.stop()
+                raise TrainerCrashedError(
+                    f"trainer worker rank {rank} (pid {proc.pid}) exited with code {code} during '{what}'. "
+                    f"Its log: {self.log_path(rank)}" + self._tails([rank])
+                )
+
+    def _tails(self, ranks: list[int] | None = None, lines: int = 30) -> str:
+        out = []
+        for rank in ranks if ranks is not None else range(self.world_size):
+            try:
+                text = self.log_path(rank).read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+            out.append(f"\n--- last lines of {self.log_path(rank)} ---\n" + "\n".join(text))
+        return "".join(out)
+
+    async def _collect(self, what: str, ranks: list[int] | None = None, deadline: float | None = None) -> list[Any]:
+        """Wait for one answer from each of `ranks` (all by default), watching the processes meanwhile."""
+        ranks = ranks if ranks is not None else list(range(self.world_size))
+
+        def wait() -> list[Any]:
+            results: dict[int, Any] = {}
+            while len(results) < len(ranks):
+                for rank in ranks:
+                    conn = self._conns[rank]
+                    if rank in results or not conn.poll(0.05):
+                        continue
+                    status, value = conn.recv()
+                    if status == "error":
+                        self.stop()
+                        raise TrainerCrashedError(f"trainer worker rank {rank} failed during '{what}':\n{value}")
+                    results[rank] = value
+                if len(results) < len(ranks):
+                    self._check_processes(what)
+                    if deadline is not None and time.monotonic() > deadline:
+                        self.stop()
+                        raise TrainerCrashedError(f"trainer workers did not answer '{what}' in time" + self._tails())
+            return [results[r] for r in ranks]
+
+        try:
+            return await asyncio.to_thread(wait)
+        except (EOFError, OSError) as e:
+            self._check_processes(what)
+            self.stop()
+            raise TrainerCrashedError(f"lost the trainer workers during '{what}': {e}" + self._tails()) from None
+
+    async def call(
+        self, command: str, per_rank: list[dict[str, Any]] | None = None, ranks: list[int] | None = None, **kwargs: Any
+    ) -> list[Any]:
+        """Send `command` to the given ranks (all by default) and wait for every answer."""
+        if not self._conns:
+            raise TrainerCrashedError("the trainer workers are not running (start() them, or they were stopped)")
+        ranks = ranks if ranks is not None else list(range(self.world_size))
+        async with self._busy:
+            try:
+                for rank in ranks:
+                    self._conns[rank].send((command, per_rank[rank] if per_rank is not None else kwargs))
+            except OSError as e:
+                await asyncio.sleep(0.2)  # let a dying worker be reaped, so the error can say how it ended
+                self._check_processes(command)
+                self.stop()
+                raise TrainerCrashedError(f"lost the trainer workers during '{command}': {e}" + self._tails()) from None
+            return await self._collect(command, ranks)
+
+    # -- the interface the backend uses -----------------------------------------------------------------
+    async def train(self, sequences: list[Sequence], options: StepOptions) -> dict[str, float]:
+        """One optimizer step on all ranks; metrics summed over ranks, then averaged where they are means."""
+        shards: list[list[Sequence]] = [[] for _ in range(self.world_size)]
+        loads = [0] * self.world_size
+        for s in sorted(sequences, key=len, reverse=True):
+            r = loads.index(min(loads))
+            shards[r].append(s)
+            loads[r] += len(s)
+        total = sum(sum(s.mask[1:]) for s in sequences)
+        opts = StepOptions(options.learning_rate, options.loss, total_tokens=total)
+        parts = await self.call("train", per_rank=[{"sequences": sh, "options": opts} for sh in shards])
+        summed = {k: sum(p[k] for p in parts) for k in parts[0] if k not in ("grad_norm", "train_seconds")}
+        tokens = max(summed["tokens"], 1.0)
+        metrics = {
+            "loss": summed["loss_sum"] / tokens,
+            "grad_norm": parts[0]["grad_norm"],
+            "entropy": summed["entropy_sum"] / tokens,
+            "tokens": summed["tokens"],
+            "engine_trainer_logprob_gap": summed["gap_sum"] / max(summed["gap_tokens"], 1.0),
+            "train_seconds": max(p["train_seconds"] for p in parts),
+        }
+        if summed["kl_batches"]:
+            metrics["kl_policy_ref"] = summed["kl_sum"] / summed["kl_batches"]
+        return metrics
+
+    async def logprobs(self, sequences: list[Sequence]) -> list[list[float]]:
+        return (await self.call("logprobs", ranks=[0], sequences=sequences))[0]
+
+    async def save_checkpoint(self, directory: str | Path, step: int) -> Path:
+        return Path((await self.call("save_checkpoint", ranks=[0], directory=str(directory), step=step))[0])
+
+    async def load_checkpoint(self, directory: str | Path) -> int:
+        return (await self.call("load_checkpoint", directory=str(directory)))[0]
+
+    async def export_merged(self, directory: str | Path) -> dict[str, float]:
+        return (await self.call("export_merged", ranks=[0], directory=str(directory)))[0]
+
+    async def offload(self) -> dict[str, float]:
+        return (await self.call("offload"))[0]
+
+    async def reload(self) -> dict[str, float]:
+        return (await self.call("reload"))[0]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Ask the workers to exit; stop their process groups if they do not."""
+        with contextlib.suppress(Exception):
+            for conn in self._conns:
+                conn.send(("shutdown", {}))
+            deadline = time.monotonic() + timeout
+            while any(p.poll() is None for p in self._procs) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        self.stop()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM each worker's process group, SIGKILL after `grace` seconds, and reap."""
+        _live.discard(self)
+        procs, self._procs = self._procs, []
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+
+
+@atexit.register
+def _stop_all() -> None:
+    for group in list(_live):
+        group.stop()

@@ -1,0 +1,152 @@
+"""Trajectories to training sequences: exact sampled tokens, masks, advantages, and every bad input."""
+
+from __future__ import annotations
+
+import math
+
+import art
+import pytest
+from trajectories import answer_ids, choice, trajectory
+from transformers import AutoTokenizer
+
+from art_sglang.trainer.data import TrajectoryError, advantages, prepare
+
+
+@pytest.fixture(scope="module")
+def tok(model_path):
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def prompt_ids(tok, messages, tools=None) -> list[int]:
+    return list(
+        tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
+
+
+def test_single_turn_is_prompt_plus_exact_sampled_ids(tok):
+    ids = answer_ids(tok, "Paris")
+    t = trajectory(tok, "Capital of France?", "Paris", 1.0, logprobs=[-0.1] * len(ids))
+    other = trajectory(tok, "Capital of France?", "Lyon", 0.0)
+    out = prepare([art.TrajectoryGroup([t, other])], tok)
+    seq = out.sequences[0]
+    prompt = prompt_ids(tok, [{"role": "user", "content": "Capital of France?"}])
+    assert seq.token_ids == prompt + ids
+    assert seq.mask == [False] * len(prompt) + [True] * len(ids)
+    assert all(math.isnan(x) for x in seq.logprobs[: len(prompt)])
+    assert seq.logprobs[len(prompt) :] == [-0.1] * len(ids)
+    assert seq.token_ids.count(tok.eos_token_id) == prompt.count(tok.eos_token_id) + 1  # no doubled end of turn
+    assert seq.weight == pytest.approx(1 / len(ids))
+    assert out.counts["trajectories_used"] == 2 and out.counts["tokens_trained"] == len(ids) + len(
+        answer_ids(tok, "Lyon")
+    )
+
+
+def test_sampled_ids_are_kept_even_when_retokenizing_would_differ(tok):
+    # "Paris" sampled as single characters: re-tokenizing the text would merge them.
+    ids = [tok.convert_tokens_to_ids(c) for c in "Paris"] + [tok.eos_token_id]
+    assert tok.encode("Paris", add_special_tokens=False) != ids[:-1]
+    t = art.Trajectory(messages_and_choices=[{"role": "user", "content": "Q"}, choice(tok, ids)], reward=1.0)
+    u = trajectory(tok, "Q", "x", 0.0)
+    seq = prepare([art.TrajectoryGroup([t, u])], tok).sequences[0]
+    assert seq.token_ids[-len(ids) :] == ids
+    # The same exact ids recovered from token bytes when the client did not get `token_id:N` entries.
+    t_bytes = art.Trajectory(
+        messages_and_choices=[{"role": "user", "content": "Q"}, choice(tok, ids, token_ids=False)], reward=1.0
+    )
+    seq_bytes = prepare([art.TrajectoryGroup([t_bytes, u])], tok).sequences[0]
+    assert seq_bytes.token_ids == seq.token_ids
+
+
+def test_multi_turn_with_tool_calls_masks_only_sampled_turns(tok):
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "add",
+                "description": "add two numbers",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
+    call = [{"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]
+    first = answer_ids(tok, "Let me add them.")
+    second = answer_ids(tok, "The sum is 5.")
+    messages = [
+        {"role": "system", "content": "You can call tools."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        choice(tok, first, tool_calls=call),
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+        choice(tok, second, logprobs=[-0.2] * len(second)),
+    ]
+    t = art.Trajectory(messages_and_choices=messages, tools=tools, reward=1.0)
+    u = trajectory(tok, "What is 2 + 3?", "6", 0.0)
+    seq = prepare([art.TrajectoryGroup([t, u])], tok).sequences[0]
+    masked = [i for i, m in zip(seq.token_ids, seq.mask, strict=True) if m]
+    assert masked == first + second
+    assert seq.token_ids[-len(second) :] == second
+    text = tok.decode(seq.token_ids)
+    assert "What is 2 + 3?" in text and "5" in text and "add" in text  # user, tool result and tool schema rendered
+    # The tool result sits between the two sampled turns and is not trained on.
+    start2 = len(seq.token_ids) - len(second)
+    assert not any(seq.mask[start2 - 5 : start2])
+
+
+def test_advantages_follow_art():
+    assert advantages([1.0, 0.0], scale_rewards=False) == [0.5, -0.5]
+    scaled = advantages([1.0, 0.0, 0.0, 1.0], scale_rewards=True)
+    assert scaled == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-5)
+
+
+def test_zero_variance_groups_are_skipped_and_counted(tok):
+    same = art.TrajectoryGroup([trajectory(tok, "Q", "a", 0.5), trajectory(tok, "Q", "b", 0.5)])
+    mixed = art.TrajectoryGroup([trajectory(tok, "Q", "a", 1.0), trajectory(tok, "Q", "b", 0.0)])
+    out = prepare([same, mixed], tok)
+    assert out.counts["groups_skipped_zero_variance"] == 1
+    assert out.counts["trajectories_skipped_zero_variance"] == 2
+    assert {s.group for s in out.sequences} == {1}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_rewards_name_the_group(tok, bad):
+    ok = art.TrajectoryGroup([trajectory(tok, "Q", "a", 1.0), trajectory(tok, "Q", "b", 0.0)])
+    broken = art.TrajectoryGroup([trajectory(tok, "Q", "a", 1.0), trajectory(tok, "Q", "b", 0.0)])
+    broken.trajectories[1].reward = bad
+    with pytest.raises(TrajectoryError, match=r"trajectory 1 of group 1 has reward .*must be finite"):
+        prepare([ok, broken], tok)
+
+
+def test_empty_group_list_is_an_error(tok):
+    with pytest.raises(TrajectoryError, match="no trajectory groups"):
+        prepare([], tok)
+
+
+def test_missing_logprobs_is_an_error_unless_allowed(tok):
+    group = art.TrajectoryGroup([trajectory(tok, "Q", "a", 1.0, with_logprobs=False), trajectory(tok, "Q", "b", 0.0)])
+    with pytest.raises(TrajectoryError, match=r"trajectory 0 of group 0 has 1 Choice\(s\) but none carries logprobs"):
+        prepare([group], tok)
+    out = prepare([group], tok, allow_training_without_logprobs=True)
+    seq = out.sequences[0]
+    trained = [lp for lp, m in zip(seq.logprobs, seq.mask, strict=True) if m]
+    assert trained and all(math.isnan(lp) for lp in trained)  # the trainer treats them as on-policy
+
+
+def test_dict_assistant_messages_are_flagged_like_art_127(tok):
+    as_dicts = art.Trajectory(
+        messages_and_choices=[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}], reward=1.0
+    )
+    group = art.TrajectoryGroup([as_dicts, trajectory(tok, "Q", "b", 0.0)])
+    with pytest.raises(TrajectoryError, match=r"trajectory 0 of group 0 .*plain dicts.*ART #127"):
+        prepare([group], tok)
+    assert len(prepare([group], tok, allow_training_without_logprobs=True).sequences) == 2
+
+
+def test_overlong_sequences_are_skipped_or_truncated_and_counted(tok):
+    long = trajectory(tok, "Q", "word " * 60, 1.0)
+    short = trajectory(tok, "Q", "a", 0.0)
+    group = art.TrajectoryGroup([long, short])
+    skipped = prepare([group], tok, max_length=40)
+    assert skipped.counts["trajectories_skipped_overlong"] == 1
+    assert [len(s) for s in skipped.sequences] == [len(prepare([group], tok).sequences[1])]
+    cut = prepare([group], tok, max_length=40, overlong="truncate")
+    assert cut.counts["trajectories_truncated"] == 1
+    assert max(len(s) for s in cut.sequences) == 40

@@ -1,0 +1,205 @@
+"""The trainer worker process: learning, checkpoints, merged export, crashes, and data parallelism."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import art
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from trajectories import answer_ids, choice
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from art_sglang.trainer.core import StepOptions, TrainerSettings
+from art_sglang.trainer.data import prepare
+from art_sglang.trainer.loss import LossConfig
+from art_sglang.trainer.sequence import Sequence
+from art_sglang.trainer.worker import TrainerCrashedError, TrainerGroup
+
+
+@pytest.fixture(scope="module")
+def tok(model_path):
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tok):
+    """A random 2-layer Llama with SmolLM2's tokenizer: fast enough for process and parallelism tests."""
+    path = tmp_path_factory.mktemp("tiny")
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def yes_no_groups(tok, n_groups: int = 2, per_group: int = 4) -> list[art.TrajectoryGroup]:
+    groups = []
+    for g in range(n_groups):
+        question = f"Question {g}: answer yes or no. Is water wet?"
+        trajectories = []
+        for i in range(per_group):
+            answer = "yes" if i % 2 == 0 else "no"
+            trajectories.append(
+                art.Trajectory(
+                    messages_and_choices=[
+                        {"role": "user", "content": question},
+                        choice(tok, answer_ids(tok, answer), [math.nan] * len(answer_ids(tok, answer))),
+                    ],
+                    reward=1.0 if answer == "yes" else 0.0,
+                )
+            )
+        groups.append(art.TrajectoryGroup(trajectories))
+    return groups
+
+
+def with_logprobs(seqs: list[Sequence], logprobs: list[list[float]]) -> list[Sequence]:
+    """Sequences whose sampler logprobs are the given policy's (on-policy data)."""
+    out = []
+    for s, lps in zip(seqs, logprobs, strict=True):
+        full = [math.nan] * len(s)
+        positions = [i for i, m in enumerate(s.mask) if m and i > 0]
+        for i, lp in zip(positions, lps, strict=True):
+            full[i] = lp
+        out.append(Sequence(s.token_ids, full, s.mask, s.advantage, s.weight, s.group))
+    return out
+
+
+def mean_logprob(logprobs: list[list[float]], seqs: list[Sequence], rewarded: bool) -> float:
+    """Mean logprob of the answer's first token (the decision) over rewarded or unrewarded sequences."""
+    picked = [lp[0] for lp, s in zip(logprobs, seqs, strict=True) if (s.advantage > 0) == rewarded]
+    return sum(picked) / len(picked)
+
+
+async def test_steps_raise_the_probability_of_rewarded_completions(tok, model_path, tmp_path):
+    seqs = prepare(yes_no_groups(tok), tok, allow_training_without_logprobs=True).sequences
+    settings = TrainerSettings(str(model_path), lora_rank=8, lora_alpha=16, threads=1)
+    group = TrainerGroup(settings, devices=[], log_dir=tmp_path)
+    await group.start()
+    try:
+        before = await group.logprobs(seqs)
+        metrics = None
+        for _ in range(3):
+            current = await group.logprobs(seqs)
+            metrics = await group.train(with_logprobs(seqs, current), StepOptions(learning_rate=2e-4))
+            # On-policy data: the engine/trainer gap is zero up to float noise on the first micro-step.
+            assert metrics["engine_trainer_logprob_gap"] < 1e-4
+        after = await group.logprobs(seqs)
+    finally:
+        await group.shutdown()
+    assert mean_logprob(after, seqs, True) > mean_logprob(before, seqs, True) + 0.5
+    assert mean_logprob(after, seqs, False) < mean_logprob(before, seqs, False) - 0.5
+    assert metrics["tokens"] == sum(sum(s.mask) for s in seqs)
+    assert metrics["grad_norm"] > 0 and math.isfinite(metrics["loss"]) and metrics["entropy"] > 0
+
+
+async def test_checkpoint_is_plain_peft_atomic_and_resumable(tok, model_path, tmp_path):
+    seqs = prepare(yes_no_groups(tok, 1), tok, allow_training_without_logprobs=True).sequences
+    settings = TrainerSettings(str(model_path), peft_args={"r": 4, "lora_alpha": 8}, threads=1)
+    group = TrainerGroup(settings, devices=[], log_dir=tmp_path / "logs")
+    await group.start()
+    try:
+        await group.train(seqs, StepOptions(learning_rate=1e-3))
+        ckpt = await group.save_checkpoint(tmp_path / "checkpoints" / "0001", step=1)
+        trained = await group.logprobs(seqs)
+        export = await group.export_merged(tmp_path / "merged")
+    finally:
+        await group.shutdown()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0001"]  # no temporary left
+    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 4  # peft_args honoured
+    assert export["export_bytes"] > 0 and export["export_seconds"] >= 0
+
+    # Plain PEFT loads the checkpoint and gives the trainer's logprobs.
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, ckpt).eval()
+    s = seqs[0]
+    with torch.no_grad():
+        logits = peft_model(torch.tensor([s.token_ids])).logits[0, :-1]
+    targets = torch.tensor(s.token_ids[1:])
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0][torch.tensor(s.mask[1:])]
+    assert torch.allclose(lp, torch.tensor(trained[0]), atol=1e-4)
+
+    # The merged export equals the adapter applied to the base.
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        merged_logits = merged(torch.tensor([s.token_ids])).logits[0, :-1]
+    assert torch.allclose(merged_logits, logits, atol=1e-3)
+
+    # A new worker resumes at the checkpoint's step with the same weights.
+    group = TrainerGroup(settings, devices=[], log_dir=tmp_path / "logs")
+    await group.start()
+    try:
+        assert await group.load_checkpoint(ckpt) == 1
+        resumed = await group.logprobs(seqs)
+        assert [x for row in resumed for x in row] == pytest.approx([x for row in trained for x in row], abs=1e-6)
+    finally:
+        await group.shutdown()
+
+
+async def test_two_gloo_workers_equal_one_process(tok, tiny_model, tmp_path):
+    seqs = prepare(yes_no_groups(tok, 2, 4), tok, allow_training_without_logprobs=True).sequences
+    options = StepOptions(learning_rate=1e-2, loss=LossConfig(loss_fn="ppo"))
+    adapters = []
+    for workers in (1, 2):
+        settings = TrainerSettings(str(tiny_model), lora_rank=4, seed=7, threads=1, micro_batch_tokens=64)
+        group = TrainerGroup(settings, devices=[], log_dir=tmp_path / f"w{workers}", cpu_workers=workers)
+        await group.start()
+        try:
+            assert len(group.pids) == workers
+            metrics = await group.train(seqs, options)
+            ckpt = await group.save_checkpoint(tmp_path / f"w{workers}" / "ckpt", step=1)
+        finally:
+            await group.shutdown()
+        adapters.append((load_file(str(ckpt / "adapter_model.safetensors")), metrics))
+    (one, m1), (two, m2) = adapters
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-6), k
+    assert m1["tokens"] == m2["tokens"]
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-4)
+
+
+async def test_a_dead_worker_raises_clearly_instead_of_hanging(tok, tiny_model, tmp_path):
+    settings = TrainerSettings(str(tiny_model), lora_rank=4, threads=1)
+    group = TrainerGroup(settings, devices=[], log_dir=tmp_path)
+    await group.start()
+    pid = group.pids[0]
+    os.kill(pid, signal.SIGKILL)
+    seqs = prepare(yes_no_groups(tok, 1), tok, allow_training_without_logprobs=True).sequences
+    with pytest.raises(TrainerCrashedError, match=rf"rank 0 \(pid {pid}\) exited with code -9 during 'train'"):
+        await group.train(seqs, StepOptions())
+    with pytest.raises(TrainerCrashedError, match="not running"):
+        await group.train(seqs, StepOptions())
+
+
+async def test_a_failing_command_reports_the_worker_traceback(tiny_model, tmp_path):
+    group = TrainerGroup(TrainerSettings(str(tiny_model), lora_rank=4, threads=1), devices=[], log_dir=tmp_path)
+    await group.start()
+    try:
+        with pytest.raises(TrainerCrashedError, match="(?s)failed during 'load_checkpoint'.*adapter_model.safetensors"):
+            await group.load_checkpoint(tmp_path / "no-such-checkpoint")
+    finally:
+        await group.shutdown()
+
+
+async def test_bad_base_model_fails_at_start_with_the_log(tmp_path):
+    group = TrainerGroup(TrainerSettings(str(tmp_path / "missing-model")), devices=[], log_dir=tmp_path)
+    with pytest.raises(TrainerCrashedError, match="during 'start'"):
+        await group.start()
+    assert group.pids == []
