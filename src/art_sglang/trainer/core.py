@@ -38,11 +38,13 @@ class TrainerSettings:
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     peft_args: dict[str, Any] = field(default_factory=dict)
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
+    adapter_dtype: str = "float32"  # LoRA weights and optimizer state; "auto": the base model's dtype
     device: str = "auto"  # auto: cuda if visible, else cpu
     max_grad_norm: float = 0.1  # ART's default
     micro_batch_tokens: int = 8192  # padded tokens per forward pass
     logprob_chunk: int = 1024  # target tokens per logits chunk
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (GPU; fuses the elementwise work around matmuls)
     seed: int = 0
     threads: int | None = None  # torch threads on the CPU
 
@@ -130,10 +132,17 @@ class PolicyTrainer:
         )
         lora.update(settings.peft_args)
         torch.manual_seed(settings.seed)  # identical adapters on every data-parallel rank
-        self.model = get_peft_model(base, LoraConfig(**lora)).to(self.device)
+        fp32_adapters = settings.adapter_dtype == "float32"
+        self.model = get_peft_model(base, LoraConfig(**lora), autocast_adapter_dtype=fp32_adapters).to(self.device)
         if settings.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
+        if settings.compile:
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            for layer in self._backbone().layers:
+                layer.compile()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=5e-6, weight_decay=0.0)
         self.step = 0
@@ -168,7 +177,9 @@ class PolicyTrainer:
         target_mask[:, 0] = False  # the first token has no prediction
         # Position t-1 predicts token t.
         pred = target_mask[:, 1:]
-        ids_d, attn_d = ids.to(self.device), attn.to(self.device)
+        ids_d = ids.to(self.device)
+        # Without padding, no mask: SDPA then takes its causal flash path instead of a materialized mask.
+        attn_d = None if all(len(s) == width for s in batch) else attn.to(self.device)
         hidden = self._backbone()(input_ids=ids_d, attention_mask=attn_d).last_hidden_state
         return {
             "ids": ids_d,
