@@ -138,9 +138,9 @@ class PolicyTrainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
         if settings.compile:
-            import torch._dynamo
+            from torch import _dynamo
 
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
             for layer in self._backbone().layers:
                 layer.compile()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
