@@ -24,7 +24,7 @@ from art_sglang.trainer.core import PolicyTrainer, StepOptions, TrainerSettings 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--adapter-dtype", default="float32")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
@@ -65,7 +65,8 @@ def main() -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         trainer.train_step(seqs, opts)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    if args.rows:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":

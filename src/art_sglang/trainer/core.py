@@ -7,6 +7,7 @@ in chunks that are recomputed in the backward pass, so full-vocabulary logits ar
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -44,7 +45,7 @@ class TrainerSettings:
     micro_batch_tokens: int = 8192  # padded tokens per forward pass
     logprob_chunk: int = 1024  # target tokens per logits chunk
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile each decoder layer (GPU; fuses the elementwise work around matmuls)
+    compile: bool | None = None  # torch.compile each decoder layer; None: on a GPU (fuses the elementwise work)
     seed: int = 0
     threads: int | None = None  # torch threads on the CPU
 
@@ -134,10 +135,19 @@ class PolicyTrainer:
         torch.manual_seed(settings.seed)  # identical adapters on every data-parallel rank
         fp32_adapters = settings.adapter_dtype == "float32"
         self.model = get_peft_model(base, LoraConfig(**lora), autocast_adapter_dtype=fp32_adapters).to(self.device)
+        # Mixed precision: fp32 adapter weights and optimizer state (bf16 would round small updates away), bf16
+        # compute under autocast, and no fp32 copies of activations on their way into the adapters.
+        self.mixed = fp32_adapters and self.dtype != torch.float32 and self.device.type == "cuda"
+        if self.mixed:
+            from peft.tuners.lora import LoraLayer
+
+            for module in self.model.modules():
+                if isinstance(module, LoraLayer):
+                    module.cast_input_dtype_enabled = False
         if settings.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
-        if settings.compile:
+        if settings.compile or (settings.compile is None and self.device.type == "cuda"):
             from torch import _dynamo
 
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
@@ -149,6 +159,9 @@ class PolicyTrainer:
         self.offloaded = False
 
     # -- the RL step ------------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=self.dtype) if self.mixed else contextlib.nullcontext()
+
     def _backbone(self) -> torch.nn.Module:
         return self.model.get_base_model().model
 
@@ -205,14 +218,15 @@ class PolicyTrainer:
         offset = 0
         for idx in micro_batches(sequences, self.settings.micro_batch_tokens):
             batch = [sequences[i] for i in idx]
-            f = self._forward(batch, offset)
+            with self._autocast():
+                f = self._forward(batch, offset)
+                new_lp, entropy = token_logprobs(f["hidden"], self._lm_head(), f["targets"], chunk)
+                ref_lp = None
+                if cfg.kl_penalty_coef > 0:
+                    with torch.no_grad(), self.model.disable_adapter():
+                        h = self._backbone()(input_ids=f["ids"], attention_mask=f["attn"]).last_hidden_state
+                        ref_lp, _ = token_logprobs(h[:, :-1][f["pred"]], self._lm_head(), f["targets"], chunk)
             offset += len(batch)
-            new_lp, entropy = token_logprobs(f["hidden"], self._lm_head(), f["targets"], chunk)
-            ref_lp = None
-            if cfg.kl_penalty_coef > 0:
-                with torch.no_grad(), self.model.disable_adapter():
-                    h = self._backbone()(input_ids=f["ids"], attention_mask=f["attn"]).last_hidden_state
-                    ref_lp, _ = token_logprobs(h[:, :-1][f["pred"]], self._lm_head(), f["targets"], chunk)
             ones = torch.ones_like(new_lp)
             terms = policy_loss(
                 new_lp[None],
@@ -259,8 +273,9 @@ class PolicyTrainer:
         self.model.eval()
         out = []
         for s in sequences:
-            f = self._forward([s], 0)
-            lp, _ = token_logprobs(f["hidden"], self._lm_head(), f["targets"], self.settings.logprob_chunk)
+            with self._autocast():
+                f = self._forward([s], 0)
+                lp, _ = token_logprobs(f["hidden"], self._lm_head(), f["targets"], self.settings.logprob_chunk)
             out.append(lp.float().cpu().tolist())
         return out
 
