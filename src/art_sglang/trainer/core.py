@@ -154,7 +154,8 @@ class PolicyTrainer:
             for layer in self._backbone().layers:
                 layer.compile()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=5e-6, weight_decay=0.0)
+        fused = self.device.type == "cuda" and all(p.dtype == torch.float32 for p in self.params)
+        self.optimizer = torch.optim.AdamW(self.params, lr=5e-6, weight_decay=0.0, fused=fused or None)
         self.step = 0
         self.offloaded = False
 
@@ -190,20 +191,28 @@ class PolicyTrainer:
         target_mask[:, 0] = False  # the first token has no prediction
         # Position t-1 predicts token t.
         pred = target_mask[:, 1:]
-        ids_d = ids.to(self.device)
+        # Index tensors made on the CPU: boolean indexing on the GPU would stall it for a sync.
+        rows, cols = pred.nonzero(as_tuple=True)
+
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=True)
+
+        ids_d = dev(ids)
         # Without padding, no mask: SDPA then takes its causal flash path instead of a materialized mask.
-        attn_d = None if all(len(s) == width for s in batch) else attn.to(self.device)
+        attn_d = None if all(len(s) == width for s in batch) else dev(attn)
         hidden = self._backbone()(input_ids=ids_d, attention_mask=attn_d).last_hidden_state
+        rows_d, cols_d = dev(rows), dev(cols)
         return {
             "ids": ids_d,
             "attn": attn_d,
-            "pred": pred.to(self.device),
-            "hidden": hidden[:, :-1][pred.to(self.device)],
-            "targets": ids[:, 1:][pred].to(self.device),
-            "old": old[:, 1:][pred].to(self.device),
-            "adv": adv[:, 1:][pred].to(self.device),
-            "weight": weight[:, 1:][pred].to(self.device),
-            "seq_ids": seq_ids[:, 1:][pred].to(self.device),
+            "rows": rows_d,
+            "cols": cols_d,
+            "hidden": hidden[rows_d, cols_d],
+            "targets": dev(ids[:, 1:][pred]),
+            "old": dev(old[:, 1:][pred]),
+            "adv": dev(adv[:, 1:][pred]),
+            "weight": dev(weight[:, 1:][pred]),
+            "seq_ids": dev(seq_ids[:, 1:][pred]),
         }
 
     def train_step(self, sequences: list[Sequence], options: StepOptions) -> dict[str, float]:
@@ -214,7 +223,8 @@ class PolicyTrainer:
         local_tokens = sum(sum(s.mask[1:]) for s in sequences)
         denominator = float(options.total_tokens if options.total_tokens is not None else local_tokens) + 1e-6
         chunk = self.settings.logprob_chunk
-        sums = {"loss_sum": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0, "gap_tokens": 0.0, "kl_sum": 0.0, "kl_batches": 0}
+        names = ("loss_sum", "entropy_sum", "gap_sum", "gap_tokens", "kl_sum", "kl_batches")
+        sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)  # read once: no per-batch syncs
         offset = 0
         for idx in micro_batches(sequences, self.settings.micro_batch_tokens):
             batch = [sequences[i] for i in idx]
@@ -225,7 +235,7 @@ class PolicyTrainer:
                 if cfg.kl_penalty_coef > 0:
                     with torch.no_grad(), self.model.disable_adapter():
                         h = self._backbone()(input_ids=f["ids"], attention_mask=f["attn"]).last_hidden_state
-                        ref_lp, _ = token_logprobs(h[:, :-1][f["pred"]], self._lm_head(), f["targets"], chunk)
+                        ref_lp, _ = token_logprobs(h[f["rows"], f["cols"]], self._lm_head(), f["targets"], chunk)
             offset += len(batch)
             ones = torch.ones_like(new_lp)
             terms = policy_loss(
@@ -241,29 +251,28 @@ class PolicyTrainer:
             (terms.policy_loss_sum / denominator).backward()
             with torch.no_grad():
                 sampled = ~torch.isnan(f["old"])
-                sums["loss_sum"] += terms.policy_loss_sum.item()
-                sums["entropy_sum"] += entropy.sum().item()
-                sums["gap_sum"] += (new_lp[sampled] - f["old"][sampled]).abs().sum().item()
-                sums["gap_tokens"] += sampled.sum().item()
-                if terms.kl_policy_ref is not None:
-                    sums["kl_sum"] += terms.kl_policy_ref.item()
-                    sums["kl_batches"] += 1
+                gap = torch.where(sampled, (new_lp - f["old"]).abs(), 0.0).sum()
+                kl = terms.kl_policy_ref if terms.kl_policy_ref is not None else new_lp.new_zeros(())
+                has_kl = float(terms.kl_policy_ref is not None)
+                sums += torch.stack(
+                    [terms.policy_loss_sum, entropy.sum(), gap, sampled.sum(), kl, kl.new_tensor(has_kl)]
+                ).double()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.grad_sync is not None:
             self.grad_sync(grads)  # sums gradients over data-parallel ranks
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = options.learning_rate
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {
-            **sums,
+            **dict(zip(names, sums.tolist(), strict=True)),
+            "grad_norm": grad_norm.item(),
             "tokens": float(local_tokens),
             "sequences": float(len(sequences)),
-            "grad_norm": grad_norm,
             "train_seconds": time.monotonic() - started,
         }
 

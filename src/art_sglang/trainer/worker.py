@@ -23,6 +23,7 @@ import traceback
 import weakref
 from dataclasses import asdict
 from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Any
 
@@ -225,10 +226,9 @@ class TrainerGroup:
         def wait() -> list[Any]:
             results: dict[int, Any] = {}
             while len(results) < len(ranks):
-                for rank in ranks:
-                    conn = self._conns[rank]
-                    if rank in results or not conn.poll(0.05):
-                        continue
+                pending = {self._conns[r]: r for r in ranks if r not in results}
+                for conn in wait_for(list(pending), timeout=0.2):
+                    rank = pending[conn]
                     status, value = conn.recv()
                     if status == "error":
                         self.stop()
