@@ -1,6 +1,6 @@
 """art-sglang: an SGLang backend for OpenPipe ART."""
 
-from .config import DeviceConfig, SGLangConfig
+from .config import DeviceConfig, SGLangConfig, TrainerConfig
 from .errors import (
     ArtSGLangError,
     CapabilityError,
@@ -23,10 +23,21 @@ __all__ = [
     "PortInUseError",
     "SGLangAPIError",
     "SGLangClient",
+    "SGLangBackend",
     "SGLangConfig",
     "SGLangServer",
     "ServerCrashedError",
     "ServerNotInstalledError",
     "ServerStartError",
+    "TrainerConfig",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Imported on first use: the backend imports ART (several seconds), which the CLI's set-up steps never need.
+    if name == "SGLangBackend":
+        from .backend import SGLangBackend
+
+        return SGLangBackend
+    raise AttributeError(f"module 'art_sglang' has no attribute {name!r}")

@@ -202,3 +202,37 @@ def gpu_count() -> int:
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+@dataclass
+class TrainerConfig:
+    """The LoRA adapter and the trainer. ART's `_internal_config.peft_args` on the model override the LoRA fields."""
+
+    lora_rank: int = 8  # ART's default
+    lora_alpha: int = 16
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    max_grad_norm: float = 0.1  # ART's default
+    max_sequence_length: int | None = None  # longer training sequences are skipped or truncated, and counted
+    overlong: Literal["skip", "truncate"] = "skip"
+    micro_batch_tokens: int = 8192
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
+    cpu_threads: int = 1  # torch threads of a CPU trainer (it shares the cores with the server)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("lora_rank", "lora_alpha", "micro_batch_tokens", "cpu_threads"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ConfigError(name, v, "an integer >= 1")
+        if not (isinstance(self.max_grad_norm, int | float) and self.max_grad_norm > 0):
+            raise ConfigError("max_grad_norm", self.max_grad_norm, "a number > 0")
+        if self.overlong not in ("skip", "truncate"):
+            raise ConfigError("overlong", self.overlong, "'skip' or 'truncate'")
+        if self.max_sequence_length is not None and (
+            not _is_int(self.max_sequence_length) or self.max_sequence_length < 2
+        ):
+            raise ConfigError("max_sequence_length", self.max_sequence_length, "None or an integer >= 2")
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")

@@ -49,6 +49,7 @@ class Gateway:
         api_key: str | None = None,
         hold_timeout: float = 600.0,
         max_resends: int = 3,
+        prefix_warmup: bool = True,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.served_model = served_model
@@ -57,6 +58,8 @@ class Gateway:
         self.api_key = api_key
         self.hold_timeout = hold_timeout
         self.max_resends = max_resends
+        self.prefix_warmup = prefix_warmup
+        self._warm: dict[tuple, asyncio.Future[None]] = {}
         # name -> {"current": Route, step: Route}; replaced whole on every change (readers need no lock).
         self._routes: dict[str, dict[Any, Route]] = {}
         self.in_flight: Counter[str | None] = Counter()  # by adapter (None: base weights)
@@ -279,6 +282,8 @@ class Gateway:
                 body.pop("lora_path", None)
             self.in_flight[route.adapter] += 1
             try:
+                if chat and self.prefix_warmup:
+                    await self._warm_prefix(body, route)
                 if stream:
                     return await self._stream(request, path, body, route)
                 return await self._once(path, body, route, chat)
@@ -291,6 +296,39 @@ class Gateway:
                 await self._wait_for_upstream(deadline)
             finally:
                 self.in_flight[route.adapter] -= 1
+
+    async def _warm_prefix(self, body: dict, route: Route) -> None:
+        """Prefill each new prompt once, before its siblings are sent.
+
+        SGLang does not make concurrent requests with one prompt wait for each other's prefill: the G samples of
+        a GRPO group, sent together, would each prefill the whole prompt. So the first request for a prompt
+        (per policy version) is preceded by a one-token request that puts the prompt in the radix cache, and every
+        request for that prompt waits for it. Its usage is counted under `warmup_*`.
+        """
+        key = (route.version, route.adapter, json.dumps([body.get("messages"), body.get("tools")], sort_keys=True))
+        future = self._warm.get(key)
+        if future is None:
+            future = self._loop.create_future()
+            self._warm[key] = future
+            while len(self._warm) > 4096:  # oldest first
+                self._warm.pop(next(iter(self._warm)))
+            probe = {k: v for k, v in body.items() if k not in ("n", "stream", "stream_options", "return_meta_info")}
+            probe.update(max_tokens=1, logprobs=False, top_logprobs=None)
+            probe.pop("max_completion_tokens", None)
+            try:
+                async with self._session.post(f"{self.upstream}/v1/chat/completions", json=probe) as r:
+                    data = await r.json() if r.status == 200 else {}
+                usage = data.get("usage") or {}
+                c = self.counters[route.version]
+                c["warmup_requests"] += 1
+                c["warmup_prompt_tokens"] += usage.get("prompt_tokens") or 0
+                c["warmup_cached_tokens"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            except (TimeoutError, aiohttp.ClientError, ValueError):
+                self._warm.pop(key, None)  # the real request goes on; the next one tries again
+            finally:
+                future.set_result(None)
+        else:
+            await future
 
     async def _wait_for_upstream(self, deadline: float) -> None:
         """Wait until the gate is open and SGLang answers /health (a restart is being handled elsewhere)."""

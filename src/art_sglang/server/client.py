@@ -242,6 +242,14 @@ class SGLangClient:
             },
         )
 
+    async def update_weight_version(self, version: str) -> None:
+        """Set the version that responses report (for adapter swaps, which leave the base weights alone)."""
+        await self._call("POST", "/update_weight_version", {"new_version": version, "abort_all_requests": False})
+
+    async def models(self) -> list[str]:
+        """`/v1/models`: the served model name, then every loaded LoRA adapter."""
+        return [m["id"] for m in (await self._call("GET", "/v1/models"))["data"]]
+
     # -- LoRA -------------------------------------------------------------------------------------------
     async def load_lora_adapter(self, name: str, path: str, *, pinned: bool = False) -> dict[str, Any]:
         """Load a PEFT adapter directory under `name`. A name already loaded is refused: use a new one."""

@@ -364,6 +364,17 @@ class PolicyTrainer:
         tmp.mkdir(parents=True)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         base.config.to_json_file(str(tmp / "config.json"))
+        # Tokenizer and generation files too: a server can start from this directory alone.
+        for pattern in (
+            "tokenizer*",
+            "special_tokens_map.json",
+            "chat_template*",
+            "generation_config.json",
+            "vocab*",
+            "merges.txt",
+        ):
+            for f in Path(self.settings.base_model).glob(pattern):
+                shutil.copy2(f, tmp / f.name)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
         size = sum(t.numel() * t.element_size() for t in state.values())

@@ -1,0 +1,488 @@
+"""SGLangBackend: ART's `Backend` protocol over a managed SGLang server, a gateway and a trainer worker group.
+
+Orchestration only: the server (server/), the gateway (gateway.py), the weight-sync methods (sync/) and the
+trainer (trainer/) each do their own job. One trainable model per backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import art
+from art import LocalTrainResult
+
+from . import paths
+from .config import DeviceConfig, Placement, SGLangConfig, TrainerConfig, gpu_count, place
+from .errors import ArtSGLangError, ConfigError, ModelNotFoundError
+from .gateway import Gateway
+from .models import SMOLLM2, check_model_dir, small_model
+from .server import SGLangClient, SGLangServer
+from .sync import METHODS, GpuTimeShare, SyncContext, WeightSync
+from .trainer.core import StepOptions, TrainerSettings
+from .trainer.data import prepare
+from .trainer.loss import LossConfig
+from .trainer.worker import TrainerGroup
+
+log = logging.getLogger("art_sglang")
+
+# backend.train(...) keywords: ART's names. Those ART has that we do not implement are refused when set to a
+# non-default value, so that no option is silently ignored.
+_SUPPORTED = {
+    "learning_rate",
+    "loss_fn",
+    "epsilon",
+    "epsilon_high",
+    "scale_rewards",
+    "normalize_advantages",
+    "importance_sampling_level",
+    "kl_penalty_coef",
+    "allow_training_without_logprobs",
+    "save_checkpoint",
+    "verbose",
+}
+_ART_DEFAULTS: dict[str, Any] = {
+    "loss_fn_config": None,
+    "adam_params": None,
+    "kl_penalty_reference_step": None,
+    "kl_ref_adapter_path": None,
+    "advantage_balance": 0.0,
+    "max_negative_advantage_importance_sampling_weight": None,
+    "mask_prob_ratio": False,
+    "kimi_k2_tau": None,
+    "precalculate_logprobs": False,
+    "plot_tensors": False,
+    "truncated_importance_sampling": None,
+    "scale_learning_rate_by_reward_std_dev": False,
+    "logprob_calculation_chunk_size": 1024,
+    "packed_sequence_length": None,
+    "num_trajectories_learning_rate_multiplier_power": 0.0,
+}
+
+
+def resolve_base_model(name: str) -> Path:
+    """A local directory for `model.base_model`: a path, the bundled small model, or the Hugging Face cache.
+    Nothing is downloaded."""
+    if Path(name).expanduser().is_dir():
+        return check_model_dir(Path(name).expanduser())
+    if name.split("/")[-1] == SMOLLM2:
+        return small_model()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return check_model_dir(snapshot_download(name, local_files_only=True))
+    except Exception:
+        pass
+    raise ModelNotFoundError(
+        f"base_model {name!r} is neither a local model directory nor in the Hugging Face cache, and nothing is "
+        f"downloaded at run time. Pass a local directory as base_model, download the model beforehand, or use "
+        f"'HuggingFaceTB/{SMOLLM2}' (installed offline by `art-sglang model`)."
+    )
+
+
+@dataclass
+class _Run:
+    """Everything started for one model."""
+
+    model: art.TrainableModel
+    model_dir: Path
+    base: Path
+    tokenizer: Any
+    trainer: TrainerGroup
+    server: SGLangServer
+    client: SGLangClient
+    gateway: Gateway
+    sync: WeightSync
+    timeshare: GpuTimeShare | None
+    step: int
+    merged_root: Path
+    restarts: int = 0
+    watcher: asyncio.Task[None] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class SGLangBackend:
+    """ART backend serving with SGLang and training a LoRA adapter.
+
+    `SGLangBackend()` detects GPUs (none: CPU; one: shared mode; two or more: split mode). Explicit devices
+    (`inference_device=0, training_devices=[1, 2, 3]`) or a `DeviceConfig` override detection.
+    """
+
+    def __init__(
+        self,
+        inference_device: int | None = None,
+        training_devices: list[int] | None = None,
+        *,
+        device_config: DeviceConfig | None = None,
+        sglang_config: SGLangConfig | None = None,
+        trainer_config: TrainerConfig | None = None,
+        path: str | os.PathLike[str] = paths.DEFAULT_ART_PATH,
+        api_key: str | None = None,
+        gateway_port: int = 0,
+    ) -> None:
+        if device_config is None:
+            if inference_device is not None or training_devices is not None:
+                device_config = DeviceConfig(
+                    0 if inference_device is None else inference_device,
+                    [1] if training_devices is None else list(training_devices),
+                    auto_detect=False,
+                )
+            else:
+                device_config = DeviceConfig()
+        self.device_config = device_config
+        self.sglang_config = sglang_config or SGLangConfig()
+        self.trainer_config = trainer_config or TrainerConfig()
+        self.placement: Placement = place(device_config, gpu_count())
+        self._path = str(path)
+        self.api_key = api_key
+        self.gateway_port = gateway_port
+        self._runs: dict[str, _Run] = {}
+        self._starting: dict[str, asyncio.Lock] = {}
+
+    async def __aenter__(self) -> SGLangBackend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- ART's protocol ---------------------------------------------------------------------------------
+    async def register(self, model: art.Model) -> None:
+        model.base_path = self._path
+        model_dir = paths.model_dir(model.project, model.name, self._path)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        dump = model.safe_model_dump() if hasattr(model, "safe_model_dump") else model.model_dump()
+        _write_atomic(model_dir / "model.json", json.dumps(dump, default=str))
+
+    def _model_inference_name(self, model: art.Model, step: int | None = None) -> str:
+        if step is None:
+            run = self._runs.get(model.name)
+            step = run.step if run is not None else _latest_step(paths.model_dir(model.project, model.name, self._path))
+        return f"{model.name}@{step or 0}"
+
+    async def _get_step(self, model: art.TrainableModel) -> int:
+        run = self._runs.get(model.name)
+        if run is not None:
+            return run.step
+        return _latest_step(paths.model_dir(model.project, model.name, self._path)) or 0
+
+    async def _delete_checkpoint_files(self, model: art.TrainableModel, steps_to_keep: list[int]) -> None:
+        current = await self._get_step(model)
+        keep = set(steps_to_keep) | {current}
+        for d in (paths.model_dir(model.project, model.name, self._path) / "checkpoints").glob("[0-9]*"):
+            if d.name.isdigit() and int(d.name) not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    async def _prepare_backend_for_training(self, model: art.TrainableModel, config: Any = None) -> tuple[str, str]:
+        run = await self._ensure_run(model)
+        return run.gateway.base_url, self.api_key or "art-sglang"
+
+    def _train_sft(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("SGLangBackend does not implement supervised fine-tuning (train_sft) yet.")
+
+    async def train(self, model: art.TrainableModel, trajectory_groups: Any, **kwargs: Any) -> LocalTrainResult:
+        """One RL step: validate and tokenize, train, checkpoint, and put the new policy on the server."""
+        options, prep_kwargs, save_checkpoint = self._train_options(kwargs)
+        run = await self._ensure_run(model)
+        groups = list(trajectory_groups)
+        async with run.lock:
+            started = time.monotonic()
+            next_step = run.step + 1
+            _write_atomic(
+                run.model_dir / "train_inputs" / f"{next_step:04d}.jsonl",
+                "\n".join(g.model_dump_json() for g in groups),
+            )  # nothing is lost if training fails
+            prepared = await asyncio.to_thread(prepare, groups, run.tokenizer, **prep_kwargs)
+            rollout = _rollout_metrics(run.gateway.take_counters(), run.step)
+            if run.timeshare is not None:
+                await run.timeshare.before_train()
+            t0 = time.monotonic()
+            if prepared.sequences:
+                train_metrics = await run.trainer.train(prepared.sequences, options)
+            else:
+                log.warning(
+                    "step %d: no trainable data (all groups had equal rewards); the policy is unchanged", next_step
+                )
+                train_metrics = {}
+            checkpoint = await run.trainer.save_checkpoint(_checkpoint_dir(run.model_dir, next_step), next_step)
+            train_seconds = time.monotonic() - t0
+            restarted = False
+            if run.timeshare is not None:
+                await run.timeshare.after_train()
+                restarted = not run.timeshare.use_release
+            t1 = time.monotonic()
+            if restarted:
+                await run.sync.restore(next_step, checkpoint)
+                sync_metrics = {"sync_seconds": time.monotonic() - t1}
+            else:
+                sync_metrics = await run.sync.apply(next_step, checkpoint)
+            if run.timeshare is not None:
+                run.gateway.open_gate()
+            previous, run.step = run.step, next_step
+            if not save_checkpoint and previous > 0:
+                shutil.rmtree(_checkpoint_dir(run.model_dir, previous), ignore_errors=True)
+        metrics: dict[str, float] = {**train_metrics, **rollout}
+        metrics.update({f"data/{k}": float(v) for k, v in prepared.counts.items()})
+        metrics.update({f"sync/{k}": float(v) for k, v in sync_metrics.items()})
+        metrics["time/train_s"] = train_seconds
+        metrics["time/sync_s"] = sync_metrics["sync_seconds"]
+        metrics["time/step_s"] = time.monotonic() - started
+        metrics["server/restarts"] = float(run.restarts)
+        log.info(
+            "step %d: %s sync in %.3f s, train %.1f s, %d tokens",
+            next_step,
+            run.sync.method,
+            sync_metrics["sync_seconds"],
+            train_seconds,
+            int(train_metrics.get("tokens", 0)),
+        )
+        return LocalTrainResult(step=next_step, metrics=metrics, checkpoint_path=str(checkpoint))
+
+    async def close(self) -> None:
+        """Stop everything this backend started: servers, gateways, trainer workers."""
+        runs, self._runs = list(self._runs.values()), {}
+        for run in runs:
+            if run.watcher is not None:
+                run.watcher.cancel()
+                with contextlib.suppress(BaseException):
+                    await run.watcher
+            with contextlib.suppress(Exception):
+                await run.sync.close()
+            run.gateway.stop()
+            await run.client.aclose()
+            await asyncio.to_thread(run.server.stop)
+            await run.trainer.shutdown()
+            shutil.rmtree(run.merged_root, ignore_errors=True)
+
+    # -- start-up ---------------------------------------------------------------------------------------
+    def _train_options(self, kwargs: dict[str, Any]) -> tuple[StepOptions, dict[str, Any], bool]:
+        for key, value in kwargs.items():
+            if key in _SUPPORTED:
+                continue
+            if key in _ART_DEFAULTS:
+                if value != _ART_DEFAULTS[key]:
+                    raise ConfigError(
+                        key,
+                        value,
+                        f"not supported by SGLangBackend yet: leave it at {_ART_DEFAULTS[key]!r}",
+                    )
+                continue
+            raise ConfigError(key, value, f"unknown train() option; supported: {', '.join(sorted(_SUPPORTED))}")
+        scale = kwargs.get("scale_rewards", True) and kwargs.get("normalize_advantages", True)
+        lr = kwargs.get("learning_rate", 5e-6)
+        if not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0:
+            raise ConfigError("learning_rate", lr, "a number > 0")
+        try:
+            loss = LossConfig(
+                loss_fn=kwargs.get("loss_fn", "cispo"),
+                epsilon=kwargs.get("epsilon"),
+                epsilon_high=kwargs.get("epsilon_high"),
+                importance_sampling_level=kwargs.get("importance_sampling_level", "token"),
+                kl_penalty_coef=float(kwargs.get("kl_penalty_coef", 0.0)),
+            )
+        except ValueError as e:
+            raise ConfigError("train()", kwargs, str(e)) from None
+        tc = self.trainer_config
+        prep = {
+            "scale_rewards": bool(scale),
+            "allow_training_without_logprobs": bool(kwargs.get("allow_training_without_logprobs", False)),
+            "max_length": tc.max_sequence_length,
+            "overlong": tc.overlong,
+        }
+        return StepOptions(float(lr), loss), prep, bool(kwargs.get("save_checkpoint", True))
+
+    async def _ensure_run(self, model: art.TrainableModel) -> _Run:
+        if model.name in self._runs:
+            return self._runs[model.name]
+        if not getattr(model, "trainable", False):
+            raise ArtSGLangError(f"model {model.name!r} is not trainable: SGLangBackend serves art.TrainableModel")
+        if self._runs:
+            raise ArtSGLangError(
+                f"this SGLangBackend already trains {next(iter(self._runs))!r}; use one backend per trainable model"
+            )
+        lock = self._starting.setdefault(model.name, asyncio.Lock())
+        async with lock:
+            if model.name not in self._runs:
+                self._runs[model.name] = await self._start(model)
+        return self._runs[model.name]
+
+    async def _start(self, model: art.TrainableModel) -> _Run:
+        from transformers import AutoTokenizer
+
+        p, cfg, tc = self.placement, self.sglang_config, self.trainer_config
+        model_dir = paths.model_dir(model.project, model.name, self._path)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        base = resolve_base_model(model.base_model)
+        step = _latest_step(model_dir)
+        if step is not None:
+            _check_checkpoint(_checkpoint_dir(model_dir, step))
+        peft_args = dict((getattr(model, "_internal_config", None) or {}).get("peft_args") or {})
+        rank = int(peft_args.get("r", tc.lora_rank))
+        settings = TrainerSettings(
+            str(base),
+            lora_rank=tc.lora_rank,
+            lora_alpha=tc.lora_alpha,
+            target_modules=list(tc.target_modules),
+            peft_args=peft_args,
+            dtype=tc.dtype,
+            max_grad_norm=tc.max_grad_norm,
+            micro_batch_tokens=tc.micro_batch_tokens,
+            seed=tc.seed,
+            threads=tc.cpu_threads if p.mode == "cpu" else None,
+        )
+        trainer = TrainerGroup(
+            settings, devices=p.training_devices, log_dir=model_dir / "logs", cpu_threads=tc.cpu_threads
+        )
+        server_cfg = SGLangConfig(**{**vars(cfg), "max_lora_rank": max(cfg.max_lora_rank, rank)})
+        memory_saver = cfg.enable_memory_saver if cfg.enable_memory_saver is not None else p.mode == "shared"
+        server = SGLangServer(
+            base,
+            server_cfg,
+            log_path=paths.server_log(model.project, model.name, self._path),
+            device=p.inference_device,
+            enable_lora=True,
+            served_model_name=model.name,
+            memory_saver=memory_saver,
+            weight_version=str(step or 0),
+        )
+        log.info("art-sglang: mode %s (%s); weight sync %s", p.mode, p.reason, cfg.weight_sync_method)
+        # Trainer and server start side by side: both are mostly imports and loading.
+        results = await asyncio.gather(trainer.start(), server.start(), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await trainer.shutdown()
+            server.stop()
+            raise errors[0]
+        try:
+            if step is None:
+                step = 0
+                await trainer.save_checkpoint(_checkpoint_dir(model_dir, 0), 0)  # step 0: the untrained adapter
+            else:
+                await trainer.load_checkpoint(_checkpoint_dir(model_dir, step))
+            client = SGLangClient(server.base_url)
+            gateway = Gateway(
+                server.base_url,
+                model.name,
+                port=self.gateway_port,
+                api_key=self.api_key,
+                hold_timeout=max(600.0, cfg.server_timeout * 2),
+            )
+            gateway.start()
+            merged_root = _merged_root(model)
+            ctx = SyncContext(model.name, server, client, gateway, trainer, server_cfg, merged_root)
+            method = cfg.weight_sync_method
+            if method == "lora" and not (await client.server_info()).get("enable_lora"):
+                log.warning("art-sglang: this server cannot serve LoRA adapters; weight sync falls back to 'disk'")
+                method = "disk"
+            if method == "tensor":
+                log.warning("art-sglang: weight_sync_method='tensor' is not implemented yet; using 'disk'")
+                method = "disk"
+            sync = METHODS[method](ctx)
+            timeshare = None
+            if p.mode == "shared":
+                timeshare = GpuTimeShare(server, client, gateway, trainer)
+                log.info("art-sglang: shared mode: %s", await timeshare.check())
+                await trainer.offload()
+            await sync.restore(step, _checkpoint_dir(model_dir, step))
+        except BaseException:
+            await trainer.shutdown()
+            server.stop()
+            raise
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        run = _Run(
+            model, model_dir, base, tokenizer, trainer, server, client, gateway, sync, timeshare, step, merged_root
+        )
+        run.watcher = asyncio.create_task(self._watch(run))
+        return run
+
+    async def _watch(self, run: _Run) -> None:
+        """Restart a crashed server on the newest policy; the gateway holds and resends meanwhile."""
+
+        async def on_crash(reason: str) -> None:
+            async with run.lock:
+                log.error("art-sglang: the SGLang server crashed (%s); restarting it on step %d", reason, run.step)
+                run.gateway.close_gate()
+                try:
+                    await run.server.restart()
+                    await run.sync.restore(run.step, _checkpoint_dir(run.model_dir, run.step))
+                    run.restarts += 1
+                finally:
+                    run.gateway.open_gate()
+
+        while True:
+            await run.server.watch(on_crash)
+            if not run.server.running:
+                return  # stopped on purpose
+            await asyncio.sleep(0.5)
+
+
+# -- small helpers --------------------------------------------------------------------------------------------
+def _checkpoint_dir(model_dir: Path, step: int) -> Path:
+    return model_dir / "checkpoints" / f"{step:04d}"
+
+
+def _latest_step(model_dir: Path) -> int | None:
+    steps = [int(d.name) for d in (model_dir / "checkpoints").glob("[0-9]*") if d.name.isdigit() and d.is_dir()]
+    return max(steps) if steps else None
+
+
+def _check_checkpoint(directory: Path) -> None:
+    problems = [n for n in ("adapter_config.json", "adapter_model.safetensors") if not (directory / n).is_file()]
+    if not problems:
+        try:
+            json.loads((directory / "adapter_config.json").read_text())
+        except ValueError:
+            problems.append("adapter_config.json is not valid JSON")
+    if problems:
+        raise ArtSGLangError(
+            f"checkpoint {directory} is incomplete or corrupt ({', '.join(problems)}). Delete that directory to "
+            "resume from the step before it."
+        )
+
+
+def _merged_root(model: art.Model) -> Path:
+    """Merged exports go to a RAM disk when there is one."""
+    shm = Path("/dev/shm")
+    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    path = root / f"art-sglang-{model.project}-{model.name}-{secrets.token_hex(4)}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _rollout_metrics(counters: dict[int, Any], current_step: int) -> dict[str, float]:
+    """Gateway counters since the last step, over all policy versions (requests of the current one dominate)."""
+    total: dict[str, float] = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0,
+                               "warmup_requests": 0, "warmup_prompt_tokens": 0, "warmup_cached_tokens": 0}
+    for c in counters.values():
+        for k in total:
+            total[k] += c.get(k, 0)
+    out = {f"rollout/{k}": float(v) for k, v in total.items()}
+    out["rollout/cache_hit_ratio"] = total["cached_tokens"] / total["prompt_tokens"] if total["prompt_tokens"] else 0.0
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+__all__ = ["SGLangBackend", "resolve_base_model"]

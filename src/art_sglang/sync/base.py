@@ -1,0 +1,50 @@
+"""What every weight-sync method works with."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import SGLangConfig
+from ..gateway import Gateway
+from ..server import SGLangClient, SGLangServer
+from ..trainer.worker import TrainerGroup
+
+
+@dataclass
+class SyncContext:
+    name: str  # the model's name: routes are `name` and `name@step`
+    server: SGLangServer
+    client: SGLangClient
+    gateway: Gateway
+    trainer: TrainerGroup
+    config: SGLangConfig
+    merged_root: Path  # where merged weights are exported (a RAM disk when there is room)
+    drain_timeout: float = 60.0
+
+
+class WeightSync:
+    method = "base"
+
+    def __init__(self, ctx: SyncContext) -> None:
+        self.ctx = ctx
+
+    async def apply(self, step: int, checkpoint: Path) -> dict[str, float]:
+        raise NotImplementedError
+
+    async def restore(self, step: int, checkpoint: Path) -> None:
+        """Serve `step` on a server that holds nothing of ours yet (first start, or after a restart)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Finish background work (adapter unloads)."""
+
+    async def export(self, step: int) -> tuple[Path, dict[str, float]]:
+        """Merged weights for `step`, replacing older exports (they are only read while being loaded)."""
+        target = self.ctx.merged_root / f"step-{step:04d}"
+        stats = await self.ctx.trainer.export_merged(target)
+        for old in self.ctx.merged_root.glob("step-*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+        return target, stats

@@ -1,0 +1,68 @@
+"""`disk`: merged weights through `update_weights_from_disk`, never flushing while requests run.
+
+New requests wait at the gateway. If the server drains within `drain_timeout`, the update flushes the cache
+itself. Otherwise: pause (retract), update without flush, continue, and flush once idle, all before the gate
+opens, so no new request meets KV computed with the old weights. Requests in flight during such an update finish
+on the new weights: their responses may mix two versions (documented).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from ..errors import SGLangAPIError
+from .base import WeightSync
+
+
+class DiskSync(WeightSync):
+    method = "disk"
+
+    async def apply(self, step: int, checkpoint: Path) -> dict[str, float]:
+        started = time.monotonic()
+        merged, stats = await self.export(step)
+        exported = time.monotonic()
+        await self._update(step, merged)
+        return {
+            "sync_seconds": time.monotonic() - started,
+            "update_seconds": time.monotonic() - exported,
+            "export_seconds": stats["export_seconds"],
+            "export_bytes": stats["export_bytes"],
+        }
+
+    async def _update(self, step: int, merged: Path) -> None:
+        ctx = self.ctx
+        ctx.gateway.close_gate()
+        try:
+            if await ctx.gateway.wait_idle(ctx.drain_timeout):
+                await ctx.client.update_weights_from_disk(str(merged), weight_version=str(step), flush_cache=True)
+            else:
+                await ctx.client.pause_generation("retract")
+                try:
+                    await ctx.client.update_weights_from_disk(str(merged), weight_version=str(step), flush_cache=False)
+                finally:
+                    await ctx.client.continue_generation()
+                await self._flush_when_idle()
+            ctx.gateway.set_route(ctx.name, step, None)
+        finally:
+            ctx.gateway.open_gate()
+
+    async def _flush_when_idle(self) -> None:
+        deadline = time.monotonic() + 10 * self.ctx.drain_timeout
+        while True:
+            await self.ctx.gateway.wait_idle(self.ctx.drain_timeout)
+            try:
+                await self.ctx.client.flush_cache()
+                return
+            except SGLangAPIError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def restore(self, step: int, checkpoint: Path) -> None:
+        if step == 0:  # the untrained adapter is the base model
+            self.ctx.gateway.set_route(self.ctx.name, step, None)
+            return
+        merged, _ = await self.export(step)
+        await self._update(step, merged)
