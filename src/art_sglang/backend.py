@@ -418,10 +418,8 @@ class SGLangBackend:
                 finally:
                     run.gateway.open_gate()
 
-        while True:
+        while True:  # until close() cancels it; a restart by a sync ends one watch, the next one starts
             await run.server.watch(on_crash)
-            if not run.server.running:
-                return  # stopped on purpose
             await asyncio.sleep(0.5)
 
 
@@ -460,8 +458,15 @@ def _merged_root(model: art.Model) -> Path:
 
 def _rollout_metrics(counters: dict[int, Any], current_step: int) -> dict[str, float]:
     """Gateway counters since the last step, over all policy versions (requests of the current one dominate)."""
-    total: dict[str, float] = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0,
-                               "warmup_requests": 0, "warmup_prompt_tokens": 0, "warmup_cached_tokens": 0}
+    total: dict[str, float] = {
+        "requests": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "cached_tokens": 0,
+        "warmup_requests": 0,
+        "warmup_prompt_tokens": 0,
+        "warmup_cached_tokens": 0,
+    }
     for c in counters.values():
         for k in total:
             total[k] += c.get(k, 0)

@@ -2,7 +2,8 @@
 
 It runs an aiohttp server on its own thread and event loop, so a busy user loop never stalls it. For each request:
 - `model` (`name@step` or `name`) is looked up in the routing table: which adapter (or the base weights) serves
-  that policy now. Unknown names get a 404 that lists the known ones.
+  that policy now. An older step is served by the current policy (its weights are gone after a sync); unknown
+  names and steps not reached yet get a 404 that lists the known ones.
 - logprobs are forced on, and for non-streaming chat the exact sampled token ids are written into each Choice's
   logprobs as `token_id:N` (from SGLang's per-choice meta_info), so trajectories are trainable as they are.
 - while the gate is closed (a sync or a server restart) requests wait; a request whose connection to SGLang breaks
@@ -232,9 +233,15 @@ class Gateway:
         if not step:
             return table["current"]
         try:
-            return table.get(int(step))
+            wanted = int(step)
         except ValueError:
             return None
+        current = table["current"]
+        if wanted in table:
+            return table[wanted]
+        # An older step (a request prepared before the last sync) goes to the current policy; the response's
+        # weight_version says which one answered. A step not reached yet is unknown.
+        return current if wanted < current.version else None
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._forward(request, "/v1/chat/completions", chat=True)

@@ -40,6 +40,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     for _ in range(200):
         port = random.randrange(20000, MAX_PORT)
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError:
@@ -49,7 +50,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def check_port_free(host: str, port: int) -> None:
+    """Raise if something listens on the port. SO_REUSEADDR as the server uses it: connections of a server just
+    stopped (TIME_WAIT) do not count, a listening socket does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:

@@ -1,0 +1,222 @@
+"""SGLangBackend through ART's public API, against a real SGLang server and trainer worker on this CPU."""
+
+from __future__ import annotations
+
+import asyncio
+
+import art
+import openai
+import pytest
+
+from art_sglang import SGLangBackend, SGLangConfig, TrainerConfig
+from art_sglang.tasks import ONE_WORD_INSTRUCTION, ONE_WORD_QUESTIONS, one_word_reward
+from art_sglang.trainer.data import prepare
+
+BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+STEPS = 6
+
+
+def make_backend(path, method: str = "lora") -> SGLangBackend:
+    return SGLangBackend(
+        path=path,
+        sglang_config=SGLangConfig(
+            dtype="float32", max_total_tokens=16384, weight_sync_method=method, server_timeout=240
+        ),
+        trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
+    )
+
+
+async def rollout(model: art.TrainableModel, question: str, max_tokens: int = 12) -> art.Trajectory:
+    messages = [{"role": "user", "content": question + ONE_WORD_INSTRUCTION}]
+    response = await model.openai_client().chat.completions.create(
+        model=model.get_inference_name(), messages=messages, max_tokens=max_tokens, temperature=1.0
+    )
+    choice = response.choices[0]
+    cached = (response.usage.prompt_tokens_details.cached_tokens or 0) if response.usage.prompt_tokens_details else 0
+    return art.Trajectory(
+        messages_and_choices=[*messages, choice],
+        reward=one_word_reward(choice.message.content),
+        metrics={"cached_tokens": cached, "prompt_tokens": response.usage.prompt_tokens},
+        metadata={"weight_version": (response.model_extra.get("metadata") or {}).get("weight_version")},
+    )
+
+
+async def gather(model, questions, group_size=4):
+    return await art.gather_trajectory_groups(
+        [art.TrajectoryGroup(rollout(model, q) for _ in range(group_size)) for q in questions], pbar_desc=None
+    )
+
+
+def mean_reward(groups) -> float:
+    rewards = [t.reward for g in groups for t in g.trajectories]
+    return sum(rewards) / len(rewards)
+
+
+@pytest.fixture(scope="module")
+def art_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("art")
+
+
+@pytest.fixture(scope="module")
+async def trained(art_path):
+    """A short RL run with `lora` sync; the tests below read what it recorded."""
+    model = art.TrainableModel(name="oneword", project="tests", base_model=BASE)
+    backend = make_backend(art_path)
+    await model.register(backend)
+    record = {"model": model, "backend": backend, "rewards": [], "results": [], "groups": [], "checks": []}
+    assert model.get_inference_name() == "oneword@0"
+    questions = ONE_WORD_QUESTIONS[:4]
+    for step in range(STEPS):
+        groups = await gather(model, questions)
+        record["groups"].append(groups)
+        record["rewards"].append(mean_reward(groups))
+        if step == STEPS - 1:  # engine logprobs against the trainer's, before this step changes the policy
+            run = backend._runs[model.name]
+            seqs = prepare(groups, run.tokenizer).sequences
+            trainer_lps = await run.trainer.logprobs(seqs)
+            diffs = [
+                abs(a - b)
+                for s, lps in zip(seqs, trainer_lps, strict=True)
+                for a, b in zip([lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m], lps, strict=True)
+            ]
+            record["logprob_gap"] = sum(diffs) / len(diffs)
+        result = await backend.train(model, groups, learning_rate=2e-4)
+        record["results"].append(result)
+        # The first prefill under the new policy of a prompt cached under the old one.
+        after = await rollout(model, questions[0])
+        run = backend._runs[model.name]
+        await run.sync.close()  # wait for the previous adapter's unload
+        record["checks"].append(
+            {
+                "step": result.step,
+                "inference_name": model.get_inference_name(),
+                "weight_version": after.metadata["weight_version"],
+                "warmup_cached": run.gateway.counters[result.step]["warmup_cached_tokens"],
+                "warmup_requests": run.gateway.counters[result.step]["warmup_requests"],
+                "loaded": await run.client.models(),
+                "current_adapter": run.sync.current,
+            }
+        )
+    yield record
+    await backend.close()
+
+
+async def test_rl_run_through_arts_api_learns(trained):
+    rewards = trained["rewards"]
+    assert [r.step for r in trained["results"]] == list(range(1, STEPS + 1))
+    # A broken update path (no learning, or the server serving stale weights) stays near the first step's level.
+    assert (rewards[-1] + rewards[-2]) / 2 > rewards[0] + 0.2, rewards
+
+
+async def test_each_sync_serves_the_new_policy_with_no_stale_cache(trained):
+    for check in trained["checks"]:
+        step = check["step"]
+        assert check["inference_name"] == f"oneword@{step}"
+        assert check["weight_version"] == str(step)
+        assert check["warmup_requests"] == 1 and check["warmup_cached"] == 0
+        # The previous adapter is unloaded once drained: the server holds only the current one.
+        assert check["loaded"][1:] == [check["current_adapter"]]
+
+
+async def test_group_samples_reuse_the_prompt_prefix(trained):
+    for groups in trained["groups"]:
+        for group in groups:
+            for t in group.trajectories:
+                assert t.metrics["cached_tokens"] >= 0.95 * (t.metrics["prompt_tokens"] - 1), t.metrics
+
+
+async def test_engine_logprobs_match_the_trainer(trained):
+    assert trained["logprob_gap"] < 1e-3
+
+
+async def test_step_metrics(trained):
+    m = trained["results"][-1].metrics
+    for key in (
+        "loss",
+        "grad_norm",
+        "entropy",
+        "tokens",
+        "engine_trainer_logprob_gap",
+        "rollout/prompt_tokens",
+        "rollout/cache_hit_ratio",
+        "time/train_s",
+        "time/sync_s",
+        "sync/adapter_load_seconds",
+        "data/trajectories_used",
+    ):
+        assert key in m, key
+    assert m["rollout/requests"] == 16 + 1  # a step's 4 x 4 rollouts and the check request
+    assert m["rollout/cache_hit_ratio"] > 0.5
+    assert m["engine_trainer_logprob_gap"] < 1e-3
+
+
+async def test_gateway_routes_names_and_refuses_unknown_ones(trained):
+    model = trained["model"]
+    client = model.openai_client()
+    ids = [m.id for m in (await client.models.list()).data]
+    assert "oneword" in ids and f"oneword@{STEPS}" in ids
+    with pytest.raises(openai.NotFoundError, match=r"not served here; known models: oneword"):
+        await client.chat.completions.create(model="someone-else", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError):  # a step not reached yet
+        await client.chat.completions.create(model=f"oneword@{STEPS + 5}", messages=[{"role": "user", "content": "hi"}])
+    old = await client.chat.completions.create(  # an older step: served by the current policy, which says so
+        model="oneword@1", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert old.model_extra["metadata"]["weight_version"] == str(STEPS)
+    stream = await client.chat.completions.create(
+        model="oneword", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, stream=True
+    )
+    pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+    assert len(pieces) > 1 and "".join(pieces)
+
+
+async def test_resume_continues_at_the_last_step(trained, art_path):
+    await trained["backend"].close()
+    model = art.TrainableModel(name="oneword", project="tests", base_model=BASE)
+    async with make_backend(art_path) as backend:
+        await model.register(backend)
+        assert model.get_inference_name() == f"oneword@{STEPS}"
+        groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)
+        result = await backend.train(model, groups, learning_rate=2e-4)
+        assert result.step == STEPS + 1
+        assert (art_path / "tests" / "models" / "oneword" / "checkpoints" / f"{STEPS + 1:04d}").is_dir()
+
+
+async def _requests_during(model, coro, n: int = 6):
+    """Send requests continuously while `coro` runs; return their errors (there must be none)."""
+    errors: list[BaseException] = []
+    done = asyncio.Event()
+
+    async def keep_sending():
+        while not done.is_set():
+            try:
+                await rollout(model, ONE_WORD_QUESTIONS[5], max_tokens=4)
+            except Exception as e:
+                errors.append(e)
+
+    senders = [asyncio.create_task(keep_sending()) for _ in range(n // 3)]
+    try:
+        result = await coro
+    finally:
+        done.set()
+        await asyncio.gather(*senders)
+    return result, errors
+
+
+@pytest.mark.parametrize("method", ["disk", "restart"])
+async def test_merged_weight_sync_methods(method, tmp_path):
+    model = art.TrainableModel(name=f"m-{method}", project="tests", base_model=BASE)
+    async with make_backend(tmp_path, method) as backend:
+        await model.register(backend)
+        for step in (1, 2):
+            groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)
+            result, errors = await _requests_during(model, backend.train(model, groups, learning_rate=2e-4))
+            assert errors == [], errors  # requests sent during the sync completed
+            assert result.step == step
+            after = await rollout(model, ONE_WORD_QUESTIONS[0])
+            assert after.metadata["weight_version"] == str(step)
+            # The prompt was cached under the old weights (39 of 40 tokens); none of that may be reused. Requests
+            # sent meanwhile under the new weights share only the chat template's system turn with it.
+            counters = backend._runs[model.name].gateway.counters[step]
+            assert counters["warmup_cached_tokens"] < 0.7 * after.metrics["prompt_tokens"], counters
+        assert result.metrics[f"sync/{'update' if method == 'disk' else 'restart'}_seconds"] > 0
