@@ -220,3 +220,24 @@ async def test_merged_weight_sync_methods(method, tmp_path):
             counters = backend._runs[model.name].gateway.counters[step]
             assert counters["warmup_cached_tokens"] < 0.7 * after.metrics["prompt_tokens"], counters
         assert result.metrics[f"sync/{'update' if method == 'disk' else 'restart'}_seconds"] > 0
+
+
+async def test_shared_mode_time_shares_with_the_stop_start_fallback(tmp_path):
+    """Shared mode's flow on this CPU: release is unavailable here, so the server stops while the trainer works
+    and starts again on the new policy. (On a GPU the same flow uses release/resume_memory_occupation.)"""
+    from art_sglang.config import Placement
+
+    model = art.TrainableModel(name="shared", project="tests", base_model=BASE)
+    backend = make_backend(tmp_path)
+    backend.placement = Placement("shared", None, [], "forced for this test")
+    async with backend:
+        await model.register(backend)
+        run = backend._runs[model.name]
+        assert run.timeshare is not None and run.timeshare.use_release is False
+        groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)
+        first_pid = run.server.pid
+        result, errors = await _requests_during(model, backend.train(model, groups, learning_rate=2e-4))
+        assert errors == []
+        assert result.step == 1 and run.server.pid != first_pid and run.server.running
+        after = await rollout(model, ONE_WORD_QUESTIONS[0])
+        assert after.metadata["weight_version"] == "1"

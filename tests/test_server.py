@@ -24,6 +24,7 @@ from art_sglang import (
     SGLangServer,
 )
 from art_sglang.procs import process_group_members
+from art_sglang.server.process import free_port
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
 LONG_SYSTEM = "You are a careful assistant. " * 40
@@ -208,10 +209,10 @@ async def test_early_exit_raises_with_log_tail(model_path, tmp_path):
 
 
 async def test_port_in_use_is_a_clear_error(model_path, tmp_path):
+    port = free_port()  # below 55535, which the configuration requires
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", port))
         s.listen()
-        port = s.getsockname()[1]
         server = SGLangServer(model_path, server_config(port=port), log_path=tmp_path / "p.log", device=None)
         with pytest.raises(PortInUseError, match=f"Port {port} on 127.0.0.1 is already in use"):
             await server.start()
