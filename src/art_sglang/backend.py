@@ -343,7 +343,9 @@ class SGLangBackend:
             settings, devices=p.training_devices, log_dir=model_dir / "logs", cpu_threads=tc.cpu_threads
         )
         server_cfg = SGLangConfig(**{**vars(cfg), "max_lora_rank": max(cfg.max_lora_rank, rank)})
-        memory_saver = cfg.enable_memory_saver if cfg.enable_memory_saver is not None else p.mode == "shared"
+        memory_saver = cfg.enable_memory_saver
+        if memory_saver is None:  # needs a GPU (and torch-memory-saver, which sglang[srt] brings)
+            memory_saver = p.mode == "shared" and p.inference_device is not None
         server = SGLangServer(
             base,
             server_cfg,

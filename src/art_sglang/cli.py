@@ -1,4 +1,4 @@
-"""`art-sglang`: model (materialize the small model), chat (one request through a managed server), doctor."""
+"""`art-sglang`: demo (RL that visibly learns), chat (one request through a managed server), doctor, model."""
 
 from __future__ import annotations
 
@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--art-path", type=Path, default=Path(".art"))
     p.set_defaults(run=lambda a: asyncio.run(_chat(a)) or 0)
+    p = sub.add_parser("demo", help="train SmolLM2-135M-Instruct with RL through SGLangBackend and plot it")
+    from . import demo
+
+    demo.add_arguments(p)
+    p.set_defaults(run=demo.main)
     p = sub.add_parser("doctor", help="what was found, what would run, and what to fix")
     p.set_defaults(run=_doctor)
     args = parser.parse_args(argv)
