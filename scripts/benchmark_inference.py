@@ -288,7 +288,7 @@ async def main() -> None:
             print(f"{a} / {b} output tok/s: {ratio:.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+        args.out.write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

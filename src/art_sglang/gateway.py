@@ -60,7 +60,7 @@ class Gateway:
         self.hold_timeout = hold_timeout
         self.max_resends = max_resends
         self.prefix_warmup = prefix_warmup
-        self._warm: dict[tuple, asyncio.Future[None]] = {}
+        self._warm: dict[tuple, list] = {}  # prompt key -> [warm-up done, requests in flight]
         # name -> {"current": Route, step: Route}; replaced whole on every change (readers need no lock).
         self._routes: dict[str, dict[Any, Route]] = {}
         self.in_flight: Counter[str | None] = Counter()  # by adapter (None: base weights)
@@ -313,12 +313,18 @@ class Gateway:
         request for that prompt waits for it. Its usage is counted under `warmup_*`.
         """
         key = (route.version, route.adapter, json.dumps([body.get("messages"), body.get("tools")], sort_keys=True))
-        future = self._warm.get(key)
-        if future is None:
-            future = self._loop.create_future()
-            self._warm[key] = future
-            while len(self._warm) > 4096:  # oldest first
-                self._warm.pop(next(iter(self._warm)))
+        entry = self._warm.get(key)
+        if entry is not None:
+            entry[1] += 1
+            try:
+                await entry[0]
+            finally:
+                self._release_warm(key)
+            return
+        # Kept only while requests for the prompt are in flight: the cache may be evicted or flushed after.
+        future = self._loop.create_future()
+        self._warm[key] = [future, 1]
+        try:
             probe = {k: v for k, v in body.items() if k not in ("n", "stream", "stream_options", "return_meta_info")}
             probe.update(max_tokens=1, logprobs=False, top_logprobs=None)
             probe.pop("max_completion_tokens", None)
@@ -330,12 +336,19 @@ class Gateway:
                 c["warmup_requests"] += 1
                 c["warmup_prompt_tokens"] += usage.get("prompt_tokens") or 0
                 c["warmup_cached_tokens"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-            except (TimeoutError, aiohttp.ClientError, ValueError):
-                self._warm.pop(key, None)  # the real request goes on; the next one tries again
+            except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+                log.warning("gateway: prefix warm-up failed (%s); the request goes on without it", e)
             finally:
                 future.set_result(None)
-        else:
-            await future
+        finally:
+            self._release_warm(key)
+
+    def _release_warm(self, key: tuple) -> None:
+        entry = self._warm.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._warm[key]
 
     async def _wait_for_upstream(self, deadline: float) -> None:
         """Wait until the gate is open and SGLang answers /health (a restart is being handled elsewhere)."""
