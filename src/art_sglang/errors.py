@@ -25,24 +25,22 @@ class PortInUseError(ArtSGLangError):
     """An explicitly configured port is already taken."""
 
 
-class ServerStartError(ArtSGLangError):
+class _ServerLogError(ArtSGLangError):
+    """An error that carries the tail of the server's log, appended to its message."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        self.log_tail = log_tail
+        if log_tail:
+            message = f"{message}\n--- last lines of the server log ---\n{log_tail}"
+        super().__init__(message)
+
+
+class ServerStartError(_ServerLogError):
     """The server exited or did not become healthy in time; carries the tail of its log."""
 
-    def __init__(self, message: str, log_tail: str = "") -> None:
-        self.log_tail = log_tail
-        if log_tail:
-            message = f"{message}\n--- last lines of the server log ---\n{log_tail}"
-        super().__init__(message)
 
-
-class ServerCrashedError(ArtSGLangError):
+class ServerCrashedError(_ServerLogError):
     """A process of the server's tree died while it should have been serving."""
-
-    def __init__(self, message: str, log_tail: str = "") -> None:
-        self.log_tail = log_tail
-        if log_tail:
-            message = f"{message}\n--- last lines of the server log ---\n{log_tail}"
-        super().__init__(message)
 
 
 class SGLangAPIError(ArtSGLangError):
