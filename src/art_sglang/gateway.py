@@ -51,6 +51,7 @@ class Gateway:
         hold_timeout: float = 600.0,
         max_resends: int = 3,
         prefix_warmup: bool = True,
+        sibling_window: float = 0.02,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.served_model = served_model
@@ -60,6 +61,7 @@ class Gateway:
         self.hold_timeout = hold_timeout
         self.max_resends = max_resends
         self.prefix_warmup = prefix_warmup
+        self.sibling_window = sibling_window
         self._warm: dict[tuple, list] = {}  # prompt key -> [warm-up done, requests in flight]
         # name -> {"current": Route, step: Route}; replaced whole on every change (readers need no lock).
         self._routes: dict[str, dict[Any, Route]] = {}
@@ -308,9 +310,10 @@ class Gateway:
         """Prefill each new prompt once, before its siblings are sent.
 
         SGLang does not make concurrent requests with one prompt wait for each other's prefill: the G samples of
-        a GRPO group, sent together, would each prefill the whole prompt. So the first request for a prompt
-        (per policy version) is preceded by a one-token request that puts the prompt in the radix cache, and every
-        request for that prompt waits for it. Its usage is counted under `warmup_*`.
+        a GRPO group, sent together, would each prefill the whole prompt. So when requests with the same prompt
+        (per policy version) arrive within `sibling_window` of each other, a one-token request first puts the
+        prompt in the radix cache, and all of them wait for it. Its usage is counted under `warmup_*`. A lone
+        request waits only the window.
         """
         key = (route.version, route.adapter, json.dumps([body.get("messages"), body.get("tools")], sort_keys=True))
         entry = self._warm.get(key)
@@ -321,10 +324,13 @@ class Gateway:
             finally:
                 self._release_warm(key)
             return
-        # Kept only while requests for the prompt are in flight: the cache may be evicted or flushed after.
+        # Kept only while requests for the prompt wait: the cache may be evicted or flushed after.
         future = self._loop.create_future()
         self._warm[key] = [future, 1]
         try:
+            await asyncio.sleep(self.sibling_window)  # the samples of a group are sent together
+            if self._warm[key][1] < 2:
+                return  # a lone request: nothing to share, no warm-up
             probe = {k: v for k, v in body.items() if k not in ("n", "stream", "stream_options", "return_meta_info")}
             probe.update(max_tokens=1, logprobs=False, top_logprobs=None)
             probe.pop("max_completion_tokens", None)
