@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from art_sglang.trainer.core import ALL_LINEAR, PolicyTrainer, StepOptions, TrainerSettings  # noqa: E402
+from art_sglang.config import ALL_LINEAR  # noqa: E402
+from art_sglang.trainer.core import PolicyTrainer, StepOptions, TrainerSettings  # noqa: E402
 from art_sglang.trainer.sequence import Sequence  # noqa: E402
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM datasheet
@@ -92,7 +93,7 @@ def reset_peak(device: str) -> None:
 def lora_config(r: int = 16):
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=ALL_LINEAR, task_type="CAUSAL_LM")
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(ALL_LINEAR), task_type="CAUSAL_LM")
 
 
 def plain_loop(path: str, seqs: list[Sequence], steps: int, warmup: int, device: str, checkpointing: bool) -> dict:

@@ -202,7 +202,7 @@ class SGLangBackend:
                 "\n".join(g.model_dump_json() for g in groups),
             )  # nothing is lost if training fails
             prepared = await asyncio.to_thread(prepare, groups, run.tokenizer, **prep_kwargs)
-            rollout = _rollout_metrics(run.gateway.take_counters(), run.step)
+            rollout = _rollout_metrics(run.gateway.take_counters())
             if run.timeshare is not None:
                 await run.timeshare.before_train()
             t0 = time.monotonic()
@@ -213,7 +213,7 @@ class SGLangBackend:
                     "step %d: no trainable data (all groups had equal rewards); the policy is unchanged", next_step
                 )
                 train_metrics = {}
-            checkpoint = await run.trainer.save_checkpoint(_checkpoint_dir(run.model_dir, next_step), next_step)
+            checkpoint = await run.trainer.save_checkpoint(paths.checkpoint_dir(run.model_dir, next_step), next_step)
             train_seconds = time.monotonic() - t0
             restarted = False
             if run.timeshare is not None:
@@ -229,7 +229,7 @@ class SGLangBackend:
                 run.gateway.open_gate()
             previous, run.step = run.step, next_step
             if not save_checkpoint and previous > 0:
-                shutil.rmtree(_checkpoint_dir(run.model_dir, previous), ignore_errors=True)
+                shutil.rmtree(paths.checkpoint_dir(run.model_dir, previous), ignore_errors=True)
         metrics: dict[str, float] = {**train_metrics, **rollout}
         metrics.update({f"data/{k}": float(v) for k, v in prepared.counts.items()})
         metrics.update({f"sync/{k}": float(v) for k, v in sync_metrics.items()})
@@ -324,7 +324,7 @@ class SGLangBackend:
         base = resolve_base_model(model.base_model)
         step = _latest_step(model_dir)
         if step is not None:
-            _check_checkpoint(_checkpoint_dir(model_dir, step))
+            _check_checkpoint(paths.checkpoint_dir(model_dir, step))
         peft_args = dict((getattr(model, "_internal_config", None) or {}).get("peft_args") or {})
         rank = int(peft_args.get("r", tc.lora_rank))
         settings = TrainerSettings(
@@ -367,9 +367,9 @@ class SGLangBackend:
         try:
             if step is None:
                 step = 0
-                await trainer.save_checkpoint(_checkpoint_dir(model_dir, 0), 0)  # step 0: the untrained adapter
+                await trainer.save_checkpoint(paths.checkpoint_dir(model_dir, 0), 0)  # step 0: the untrained adapter
             else:
-                await trainer.load_checkpoint(_checkpoint_dir(model_dir, step))
+                await trainer.load_checkpoint(paths.checkpoint_dir(model_dir, step))
             client = SGLangClient(server.base_url)
             gateway = Gateway(
                 server.base_url,
@@ -394,7 +394,7 @@ class SGLangBackend:
                 timeshare = GpuTimeShare(server, client, gateway, trainer)
                 log.info("art-sglang: shared mode: %s", await timeshare.check())
                 await trainer.offload()
-            await sync.restore(step, _checkpoint_dir(model_dir, step))
+            await sync.restore(step, paths.checkpoint_dir(model_dir, step))
         except BaseException:
             await trainer.shutdown()
             server.stop()
@@ -415,7 +415,7 @@ class SGLangBackend:
                 run.gateway.close_gate()
                 try:
                     await run.server.restart()
-                    await run.sync.restore(run.step, _checkpoint_dir(run.model_dir, run.step))
+                    await run.sync.restore(run.step, paths.checkpoint_dir(run.model_dir, run.step))
                     run.restarts += 1
                 finally:
                     run.gateway.open_gate()
@@ -426,10 +426,6 @@ class SGLangBackend:
 
 
 # -- small helpers --------------------------------------------------------------------------------------------
-def _checkpoint_dir(model_dir: Path, step: int) -> Path:
-    return model_dir / "checkpoints" / f"{step:04d}"
-
-
 def _latest_step(model_dir: Path) -> int | None:
     steps = [int(d.name) for d in (model_dir / "checkpoints").glob("[0-9]*") if d.name.isdigit() and d.is_dir()]
     return max(steps) if steps else None
@@ -458,7 +454,7 @@ def _merged_root(model: art.Model) -> Path:
     return path
 
 
-def _rollout_metrics(counters: dict[int, Any], current_step: int) -> dict[str, float]:
+def _rollout_metrics(counters: dict[int, Any]) -> dict[str, float]:
     """Gateway counters since the last step, over all policy versions (requests of the current one dominate)."""
     total: dict[str, float] = {
         "requests": 0,

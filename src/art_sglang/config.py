@@ -12,6 +12,8 @@ SyncMethod = Literal["lora", "disk", "restart", "tensor"]
 SYNC_METHODS: tuple[str, ...] = ("lora", "disk", "restart", "tensor")
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 Mode = Literal["cpu", "shared", "split"]
+# LoRA targets: every linear layer of a Llama/Qwen-style decoder.
+ALL_LINEAR: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Environment variables the package reads.
 ENV_SERVER_TIMEOUT = "ART_SERVER_TIMEOUT"
@@ -210,9 +212,7 @@ class TrainerConfig:
 
     lora_rank: int = 8  # ART's default
     lora_alpha: int = 16
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     max_grad_norm: float = 0.1  # ART's default
     max_sequence_length: int | None = None  # longer training sequences are skipped or truncated, and counted
     overlong: Literal["skip", "truncate"] = "skip"

@@ -13,3 +13,7 @@ def model_dir(project: str, name: str, art_path: str | Path = DEFAULT_ART_PATH) 
 
 def server_log(project: str, name: str, art_path: str | Path = DEFAULT_ART_PATH) -> Path:
     return model_dir(project, name, art_path) / "logs" / "sglang.log"
+
+
+def checkpoint_dir(model_dir: Path, step: int) -> Path:
+    return model_dir / "checkpoints" / f"{step:04d}"

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..config import ALL_LINEAR
 from .loss import LossConfig, policy_loss
 from .sequence import Sequence
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAINER_STATE = "trainer_state.pt"
 
 
