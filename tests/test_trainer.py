@@ -203,3 +203,41 @@ async def test_bad_base_model_fails_at_start_with_the_log(tmp_path):
     with pytest.raises(TrainerCrashedError, match="during 'start'"):
         await group.start()
     assert group.pids == []
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_logprobs_and_their_gradient_match_full_vocabulary_autograd(chunk):
+    from art_sglang.trainer.core import token_logprobs
+
+    g = torch.Generator().manual_seed(chunk)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight, targets = torch.randn(101, 16, generator=g), torch.randint(0, 101, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)
+    lp, entropy = token_logprobs(hidden, weight, targets, chunk)
+    (lp * upstream).sum().backward()
+    ours = hidden.grad.clone()
+    hidden.grad = None
+    log_probs = torch.log_softmax(hidden @ weight.T, -1)
+    reference = log_probs.gather(-1, targets[:, None])[:, 0]
+    (reference * upstream).sum().backward()
+    torch.testing.assert_close(lp, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, -(log_probs.exp() * log_probs).sum(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, hidden.grad, atol=1e-5, rtol=1e-5)
+    assert not entropy.requires_grad
+
+
+def test_right_padding_without_a_mask_changes_no_logprob(tiny_model):
+    from art_sglang.trainer.core import PolicyTrainer
+
+    trainer = PolicyTrainer(TrainerSettings(str(tiny_model), threads=1))
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for n in (5, 17, 40):
+        ids = torch.randint(0, 1000, (n,), generator=g).tolist()
+        mask = [i >= 2 for i in range(n)]
+        seqs.append(Sequence(ids, [math.nan] * n, mask, 1.0, 1.0 / (n - 2), 0))
+    together = trainer.sequence_logprobs(seqs)  # one micro-batch, right-padded to 40
+    for s, batched in zip(seqs, together, strict=True):
+        (alone,) = trainer.sequence_logprobs([s])
+        assert len(batched) == len(s) - 2
+        torch.testing.assert_close(torch.tensor(batched), torch.tensor(alone), atol=1e-5, rtol=1e-5)

@@ -2,13 +2,12 @@
 
 Runs inside the trainer worker process (trainer/worker.py), never in the user's process. The same code serves
 the CPU (fp32, for tests and the demo) and GPUs (bf16). Memory: logits are computed only for trainable tokens,
-in chunks that are recomputed in the backward pass, so full-vocabulary logits are never materialized.
+one chunk at a time, with their gradient taken on the spot, so full-vocabulary logits are never materialized.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import tempfile
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ALL_LINEAR
 from .loss import LossConfig, policy_loss
@@ -69,32 +67,71 @@ def _resolve(settings: TrainerSettings) -> tuple[torch.device, torch.dtype]:
     return torch.device(device), getattr(torch, dtype)
 
 
+def _logit_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Target logprobs, entropies and softmax probabilities of one chunk of logits, in fp32 arithmetic."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    probs = torch.exp(x - lse[:, None])
+    entropy = lse - (probs * x).sum(-1)
+    lp = x.gather(-1, targets[:, None])[:, 0] - lse
+    return lp, entropy, probs.to(logits.dtype)
+
+
+_compiled_stats: Callable | None = None
+
+
+def _stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # On a GPU one fused kernel replaces a dozen passes over [chunk, vocab]; on the CPU compiling costs more.
+    global _compiled_stats
+    if not logits.is_cuda:
+        return _logit_stats(logits, targets)
+    if _compiled_stats is None:
+        _compiled_stats = torch.compile(_logit_stats, dynamic=True)
+    return _compiled_stats(logits, targets)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """Chunked logprobs whose gradient is taken in the forward pass (the output matrix is frozen).
+
+    d logprob / d hidden = W[target] - softmax(logits) @ W, a [chunk, hidden] tensor kept per token, so the
+    backward pass neither recomputes the logits nor ever holds more than one chunk of them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):  # type: ignore[override]
+        lps, ents, grads = [], [], []
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            lp, entropy, probs = _stats(h @ weight.T, t)
+            if ctx.needs_input_grad[0]:
+                grads.append(weight[t].float() - (probs @ weight).float())
+            del probs
+            lps.append(lp)
+            ents.append(entropy)
+        ctx.hidden_dtype = hidden.dtype
+        ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(0))
+        entropy = torch.cat(ents)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(lps), entropy
+
+    @staticmethod
+    def backward(ctx, grad_lp: torch.Tensor, _grad_entropy: torch.Tensor):  # type: ignore[override]
+        (dlp_dhidden,) = ctx.saved_tensors
+        return (grad_lp[:, None] * dlp_dhidden).to(ctx.hidden_dtype), None, None, None
+
+
 def token_logprobs(
     hidden: torch.Tensor, lm_head: torch.Tensor, targets: torch.Tensor, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of `targets` and entropies, from hidden states [N, H] and the output matrix [V, H].
 
-    Each chunk's logits are recomputed in backward instead of kept, so memory grows with `chunk`, not N.
+    Memory grows with `chunk`, not N: full-vocabulary logits for all tokens are never materialized. The output
+    matrix gets no gradient (it is frozen under LoRA; the trainer refuses to train it).
     """
-
-    def one(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = (h @ lm_head.T).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        lp = logits.gather(-1, t[:, None])[:, 0] - lse
-        with torch.no_grad():
-            entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
-        return lp, entropy
-
-    lps, ents = [], []
-    for start in range(0, hidden.shape[0], chunk):
-        h, t = hidden[start : start + chunk], targets[start : start + chunk]
-        lp, ent = checkpoint(one, h, t, use_reentrant=False) if torch.is_grad_enabled() else one(h, t)
-        lps.append(lp)
-        ents.append(ent)
-    if not lps:
+    if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
-    return torch.cat(lps), torch.cat(ents)
+    return _TokenLogprobs.apply(hidden, lm_head, targets, chunk)
 
 
 def micro_batches(sequences: list[Sequence], budget: int) -> list[list[int]]:
@@ -154,6 +191,11 @@ class PolicyTrainer:
             for layer in self._backbone().layers:
                 layer.compile()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self._lm_head().requires_grad:
+            raise ValueError(
+                "training the output layer (lm_head) is not supported: the chunked logprob pass treats it as frozen. "
+                "Remove lm_head from target_modules / peft_args['modules_to_save']."
+            )
         fused = self.device.type == "cuda" and all(p.dtype == torch.float32 for p in self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=5e-6, weight_decay=0.0, fused=fused or None)
         self.step = 0
@@ -170,50 +212,49 @@ class PolicyTrainer:
         return self.model.get_base_model().get_output_embeddings().weight
 
     def _forward(self, batch: list[Sequence], seq_offset: int) -> dict[str, torch.Tensor]:
-        """Hidden states of the padded batch, gathered at the positions that predict trainable tokens."""
+        """Hidden states of the batch, gathered at the positions that predict trainable tokens.
+
+        Sequences are right-padded and run without an attention mask: under causal attention no real token
+        attends to the padding after it, and without a mask SDPA keeps its fused causal kernels.
+        """
         width = max(len(s) for s in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        attn = torch.zeros(len(batch), width, dtype=torch.long)
-        target_mask = torch.zeros(len(batch), width, dtype=torch.bool)
-        old = torch.full((len(batch), width), math.nan)
-        adv = torch.zeros(len(batch), width)
-        weight = torch.zeros(len(batch), width)
-        seq_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        ids: list[int] = []
+        rows: list[int] = []
+        cols: list[int] = []
+        targets: list[int] = []
+        seq_ids: list[int] = []
+        old: list[float] = []
+        adv: list[float] = []
+        weight: list[float] = []
         for row, s in enumerate(batch):
-            n = len(s)
-            ids[row, :n] = torch.tensor(s.token_ids)
-            attn[row, :n] = 1
-            target_mask[row, :n] = torch.tensor(s.mask)
-            old[row, :n] = torch.tensor(s.logprobs)
-            adv[row, :n] = s.advantage
-            weight[row, :n] = s.weight
-            seq_ids[row, :n] = seq_offset + row + 1
-        target_mask[:, 0] = False  # the first token has no prediction
-        # Position t-1 predicts token t.
-        pred = target_mask[:, 1:]
-        # Index tensors made on the CPU: boolean indexing on the GPU would stall it for a sync.
-        rows, cols = pred.nonzero(as_tuple=True)
-
-        def dev(t: torch.Tensor) -> torch.Tensor:
-            return t.to(self.device, non_blocking=True)
-
-        ids_d = dev(ids)
-        # Without padding, no mask: SDPA then takes its causal flash path instead of a materialized mask.
-        attn_d = None if all(len(s) == width for s in batch) else dev(attn)
-        hidden = self._backbone()(input_ids=ids_d, attention_mask=attn_d).last_hidden_state
-        rows_d, cols_d = dev(rows), dev(cols)
-        return {
-            "ids": ids_d,
-            "attn": attn_d,
-            "rows": rows_d,
-            "cols": cols_d,
-            "hidden": hidden[rows_d, cols_d],
-            "targets": dev(ids[:, 1:][pred]),
-            "old": dev(old[:, 1:][pred]),
-            "adv": dev(adv[:, 1:][pred]),
-            "weight": dev(weight[:, 1:][pred]),
-            "seq_ids": dev(seq_ids[:, 1:][pred]),
-        }
+            ids += s.token_ids
+            ids += [0] * (width - len(s))
+            # Position t-1 predicts token t; the first token has no prediction.
+            positions = [t for t in range(1, len(s)) if s.mask[t]]
+            rows += [row] * len(positions)
+            cols += [t - 1 for t in positions]
+            targets += [s.token_ids[t] for t in positions]
+            old += [s.logprobs[t] for t in positions]
+            adv += [s.advantage] * len(positions)
+            weight += [s.weight] * len(positions)
+            seq_ids += [seq_offset + row + 1] * len(positions)
+        # Built as Python lists and moved in two copies from pinned memory, before the forward pass: small
+        # tensor ops on the host are slow with many threads, and a copy from pageable memory waits for the GPU.
+        n, cells = len(rows), len(ids)
+        longs = torch.tensor(ids + rows + cols + targets + seq_ids, dtype=torch.long)
+        floats = torch.tensor(old + adv + weight, dtype=torch.float32)
+        if self.device.type == "cuda":
+            longs, floats = longs.pin_memory(), floats.pin_memory()
+        longs = longs.to(self.device, non_blocking=True)
+        floats = floats.to(self.device, non_blocking=True)
+        f = {"ids": longs[:cells].view(len(batch), width)}
+        for i, key in enumerate(("rows", "cols", "targets", "seq_ids")):
+            f[key] = longs[cells + i * n : cells + (i + 1) * n]
+        for i, key in enumerate(("old", "adv", "weight")):
+            f[key] = floats[i * n : (i + 1) * n]
+        hidden = self._backbone()(input_ids=f["ids"]).last_hidden_state
+        f["hidden"] = hidden[f["rows"], f["cols"]]
+        return f
 
     def train_step(self, sequences: list[Sequence], options: StepOptions) -> dict[str, float]:
         """One optimizer step over all `sequences` (this rank's share); returns summed metrics for this rank."""
@@ -234,7 +275,7 @@ class PolicyTrainer:
                 ref_lp = None
                 if cfg.kl_penalty_coef > 0:
                     with torch.no_grad(), self.model.disable_adapter():
-                        h = self._backbone()(input_ids=f["ids"], attention_mask=f["attn"]).last_hidden_state
+                        h = self._backbone()(input_ids=f["ids"]).last_hidden_state
                         ref_lp, _ = token_logprobs(h[f["rows"], f["cols"]], self._lm_head(), f["targets"], chunk)
             offset += len(batch)
             ones = torch.ones_like(new_lp)
@@ -280,12 +321,14 @@ class PolicyTrainer:
     def sequence_logprobs(self, sequences: list[Sequence]) -> list[list[float]]:
         """The current policy's logprobs of each sequence's trainable tokens (for checks and evaluation)."""
         self.model.eval()
-        out = []
-        for s in sequences:
+        out: list[list[float]] = [[] for _ in sequences]
+        for idx in micro_batches(sequences, self.settings.micro_batch_tokens):
             with self._autocast():
-                f = self._forward([s], 0)
+                f = self._forward([sequences[i] for i in idx], 0)
                 lp, _ = token_logprobs(f["hidden"], self._lm_head(), f["targets"], self.settings.logprob_chunk)
-            out.append(lp.float().cpu().tolist())
+            rows = f["rows"].tolist()
+            for row, value in zip(rows, lp.float().cpu().tolist(), strict=True):
+                out[idx[row]].append(value)
         return out
 
     # -- checkpoints and exports ------------------------------------------------------------------------
