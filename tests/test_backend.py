@@ -7,44 +7,12 @@ import asyncio
 import art
 import openai
 import pytest
+from rollouts import BASE, gather, make_backend, rollout
 
-from art_sglang import SGLangBackend, SGLangConfig, TrainerConfig
-from art_sglang.tasks import ONE_WORD_INSTRUCTION, ONE_WORD_QUESTIONS, one_word_reward
+from art_sglang.tasks import ONE_WORD_QUESTIONS
 from art_sglang.trainer.data import prepare
 
-BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 STEPS = 6
-
-
-def make_backend(path, method: str = "lora") -> SGLangBackend:
-    return SGLangBackend(
-        path=path,
-        sglang_config=SGLangConfig(
-            dtype="float32", max_total_tokens=16384, weight_sync_method=method, server_timeout=240
-        ),
-        trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
-    )
-
-
-async def rollout(model: art.TrainableModel, question: str, max_tokens: int = 12) -> art.Trajectory:
-    messages = [{"role": "user", "content": question + ONE_WORD_INSTRUCTION}]
-    response = await model.openai_client().chat.completions.create(
-        model=model.get_inference_name(), messages=messages, max_tokens=max_tokens, temperature=1.0
-    )
-    choice = response.choices[0]
-    cached = (response.usage.prompt_tokens_details.cached_tokens or 0) if response.usage.prompt_tokens_details else 0
-    return art.Trajectory(
-        messages_and_choices=[*messages, choice],
-        reward=one_word_reward(choice.message.content),
-        metrics={"cached_tokens": cached, "prompt_tokens": response.usage.prompt_tokens},
-        metadata={"weight_version": (response.model_extra.get("metadata") or {}).get("weight_version")},
-    )
-
-
-async def gather(model, questions, group_size=4):
-    return await art.gather_trajectory_groups(
-        [art.TrajectoryGroup(rollout(model, q) for _ in range(group_size)) for q in questions], pbar_desc=None
-    )
 
 
 def mean_reward(groups) -> float:

@@ -150,3 +150,14 @@ def test_overlong_sequences_are_skipped_or_truncated_and_counted(tok):
     cut = prepare([group], tok, max_length=40, overlong="truncate")
     assert cut.counts["trajectories_truncated"] == 1
     assert max(len(s) for s in cut.sequences) == 40
+
+
+def test_groups_of_one_are_skipped_and_counted_and_only_groups_of_one_is_an_error(tok, caplog):
+    lone = art.TrajectoryGroup([trajectory(tok, "Q", "a", 1.0)])
+    mixed = art.TrajectoryGroup([trajectory(tok, "Q", "a", 1.0), trajectory(tok, "Q", "b", 0.0)])
+    out = prepare([lone, mixed], tok)
+    assert out.counts["groups_skipped_single_trajectory"] == 1
+    assert {s.group for s in out.sequences} == {1}
+    assert "put 2+ samples of the same prompt in each group" in caplog.text
+    with pytest.raises(TrajectoryError, match=r"a group of one teaches nothing\. Put 2\+ trajectories"):
+        prepare([lone, lone], tok)

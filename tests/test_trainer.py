@@ -241,3 +241,22 @@ def test_right_padding_without_a_mask_changes_no_logprob(tiny_model):
         (alone,) = trainer.sequence_logprobs([s])
         assert len(batched) == len(s) - 2
         torch.testing.assert_close(torch.tensor(batched), torch.tensor(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_whole(tiny_model, tmp_path, monkeypatch):
+    import errno
+
+    from art_sglang.trainer.core import PolicyTrainer
+
+    trainer = PolicyTrainer(TrainerSettings(str(tiny_model), threads=1))
+    first = trainer.save_checkpoint(tmp_path / "checkpoints" / "0001", step=1)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+
+    def disk_full(*args, **kwargs):  # a failing write, as on a full filesystem
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*0002 \(No space left on device\).*Free space"):
+        trainer.save_checkpoint(tmp_path / "checkpoints" / "0002", step=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0001"]  # no partial directory
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before

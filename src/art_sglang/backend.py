@@ -32,7 +32,7 @@ from .sync import METHODS, GpuTimeShare, SyncContext, WeightSync
 from .trainer.core import StepOptions, TrainerSettings
 from .trainer.data import prepare
 from .trainer.loss import LossConfig
-from .trainer.worker import TrainerGroup
+from .trainer.worker import TrainerCrashedError, TrainerGroup
 
 log = logging.getLogger("art_sglang")
 
@@ -106,7 +106,8 @@ class _Run:
     timeshare: GpuTimeShare | None
     step: int
     merged_root: Path
-    restarts: int = 0
+    restarts: int = 0  # of the server, after crashes
+    trainer_restarts: int = 0
     watcher: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -203,17 +204,28 @@ class SGLangBackend:
             )  # nothing is lost if training fails
             prepared = await asyncio.to_thread(prepare, groups, run.tokenizer, **prep_kwargs)
             rollout = _rollout_metrics(run.gateway.take_counters())
+            if not run.trainer.running:  # it crashed in an earlier step: start again from the last checkpoint
+                await self._restart_trainer(run)
             if run.timeshare is not None:
                 await run.timeshare.before_train()
             t0 = time.monotonic()
-            if prepared.sequences:
-                train_metrics = await run.trainer.train(prepared.sequences, options)
-            else:
-                log.warning(
-                    "step %d: no trainable data (all groups had equal rewards); the policy is unchanged", next_step
-                )
-                train_metrics = {}
-            checkpoint = await run.trainer.save_checkpoint(paths.checkpoint_dir(run.model_dir, next_step), next_step)
+            try:
+                if prepared.sequences:
+                    train_metrics = await run.trainer.train(prepared.sequences, options)
+                else:
+                    log.warning(
+                        "step %d: no trainable data (all groups had equal rewards); the policy is unchanged", next_step
+                    )
+                    train_metrics = {}
+                checkpoint_dir = paths.checkpoint_dir(run.model_dir, next_step)
+                checkpoint = await run.trainer.save_checkpoint(checkpoint_dir, next_step)
+            except TrainerCrashedError as e:
+                raise TrainerCrashedError(
+                    f"step {next_step} failed in the trainer; the policy stays at step {run.step} and no checkpoint "
+                    f"was written for step {next_step}. Its trajectories are saved in "
+                    f"{run.model_dir / 'train_inputs' / f'{next_step:04d}.jsonl'}. The next train() call restarts "
+                    f"the trainer from checkpoint {run.step} (so does a new backend).\n{e}"
+                ) from None
             train_seconds = time.monotonic() - t0
             restarted = False
             if run.timeshare is not None:
@@ -237,6 +249,7 @@ class SGLangBackend:
         metrics["time/sync_s"] = sync_metrics["sync_seconds"]
         metrics["time/step_s"] = time.monotonic() - started
         metrics["server/restarts"] = float(run.restarts)
+        metrics["trainer/restarts"] = float(run.trainer_restarts)
         log.info(
             "step %d: %s sync in %.3f s, train %.1f s, %d tokens",
             next_step,
@@ -322,6 +335,8 @@ class SGLangBackend:
         model_dir = paths.model_dir(model.project, model.name, self._path)
         model_dir.mkdir(parents=True, exist_ok=True)
         base = resolve_base_model(model.base_model)
+        for partial in (model_dir / "checkpoints").glob(".*.tmp-*"):  # a save cut off by a crash
+            shutil.rmtree(partial, ignore_errors=True)
         step = _latest_step(model_dir)
         if step is not None:
             _check_checkpoint(paths.checkpoint_dir(model_dir, step))
@@ -406,6 +421,14 @@ class SGLangBackend:
         run.watcher = asyncio.create_task(self._watch(run))
         return run
 
+    async def _restart_trainer(self, run: _Run) -> None:
+        log.warning("art-sglang: restarting the trainer workers from checkpoint %d", run.step)
+        await run.trainer.start()
+        await run.trainer.load_checkpoint(paths.checkpoint_dir(run.model_dir, run.step))
+        if run.timeshare is not None:
+            await run.trainer.offload()  # as after start-up: the server holds the GPU between steps
+        run.trainer_restarts += 1
+
     async def _watch(self, run: _Run) -> None:
         """Restart a crashed server on the newest policy; the gateway holds and resends meanwhile."""
 
@@ -438,6 +461,13 @@ def _check_checkpoint(directory: Path) -> None:
             json.loads((directory / "adapter_config.json").read_text())
         except ValueError:
             problems.append("adapter_config.json is not valid JSON")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            problems.append(f"adapter_model.safetensors cannot be read ({e})")
     if problems:
         raise ArtSGLangError(
             f"checkpoint {directory} is incomplete or corrupt ({', '.join(problems)}). Delete that directory to "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import threading
@@ -210,7 +211,8 @@ class Gateway:
             await self._session.close()
 
     def _unauthorized(self, request: web.Request) -> web.Response | None:
-        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        sent = request.headers.get("Authorization", "").encode()
+        if self.api_key and not hmac.compare_digest(sent, f"Bearer {self.api_key}".encode()):
             return _error(
                 401, "missing or wrong API key: send 'Authorization: Bearer <key>' (as model.openai_client() does)"
             )
@@ -375,6 +377,9 @@ class Gateway:
         if chat:
             for choice in data.get("choices", []):
                 exact_token_ids(choice)
+        if route.adapter is not None:
+            # SGLang stamps the server-wide version at the end; the adapter this request ran on is the truth.
+            data.setdefault("metadata", {})["weight_version"] = str(route.version)
         self._count(route, data.get("usage") or {})
         return web.json_response(data)
 
@@ -382,7 +387,10 @@ class Gateway:
         async with self._session.post(f"{self.upstream}{path}", json=body) as upstream:
             if upstream.status != 200:
                 return web.Response(body=await upstream.read(), status=upstream.status, content_type="application/json")
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            if route.adapter is not None:
+                headers["X-Weight-Version"] = str(route.version)
+            response = web.StreamResponse(headers=headers)
             await response.prepare(request)
             try:
                 async for line in upstream.content:

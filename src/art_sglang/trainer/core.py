@@ -352,6 +352,14 @@ class PolicyTrainer:
                 shutil.rmtree(target)
             os.rename(tmp, target)
             _fsync_dir(target.parent)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(
+                e.errno,
+                f"could not write checkpoint {target} ({e.strerror or e}); nothing of it is left behind and earlier "
+                f"checkpoints are intact. Free space in {target.parent} (or point the backend's path elsewhere) "
+                "and train again.",
+            ) from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -8,6 +8,7 @@ reward minus group mean, divided by the group's std (+1e-6) when `scale_rewards`
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from openai.types.chat.chat_completion import Choice
 
 from ..errors import ArtSGLangError
 from .sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 class TrajectoryError(ArtSGLangError, ValueError):
@@ -39,6 +42,19 @@ def check_rewards(groups: list[TrajectoryGroup]) -> None:
         raise TrajectoryError(
             "train() got no trajectory groups. Gather at least one group of 2+ scored trajectories "
             "(art.gather_trajectory_groups) before training."
+        )
+    sizes = [len(group.trajectories) for group in groups]
+    if max(sizes) < 2:
+        raise TrajectoryError(
+            f"every one of the {len(groups)} trajectory group(s) holds {max(sizes)} trajectory: GRPO scores a "
+            "trajectory against the others of its group, so a group of one teaches nothing. Put 2+ trajectories "
+            "(samples of the same prompt) in each art.TrajectoryGroup."
+        )
+    if single := [g for g, n in enumerate(sizes) if n < 2]:
+        log.warning(
+            "groups %s hold fewer than 2 trajectories and are skipped (a group of one has no baseline); "
+            "put 2+ samples of the same prompt in each group",
+            single[:10],
         )
     for g, group in enumerate(groups):
         for t, trajectory in enumerate(group.trajectories):
@@ -197,7 +213,11 @@ def prepare(
         trajectories = list(group.trajectories)
         out.counts["groups"] += 1
         out.counts["trajectories"] += len(trajectories)
-        advs = advantages([t.reward for t in trajectories], scale_rewards) if trajectories else []
+        if len(trajectories) < 2:
+            out.counts["groups_skipped_single_trajectory"] += 1
+            out.counts["trajectories_skipped_single_trajectory"] += len(trajectories)
+            continue
+        advs = advantages([t.reward for t in trajectories], scale_rewards)
         if not any(advs):
             out.counts["groups_skipped_zero_variance"] += 1
             out.counts["trajectories_skipped_zero_variance"] += len(trajectories)

@@ -311,6 +311,10 @@ class TrainerGroup:
         return (await self.call("reload"))[0]
 
     @property
+    def running(self) -> bool:
+        return bool(self._conns)
+
+    @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
