@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import art  # noqa: E402
 
 from art_sglang import SGLangBackend, SGLangConfig  # noqa: E402
-from art_sglang.tasks import ONE_WORD_INSTRUCTION, ONE_WORD_QUESTIONS, one_word_reward  # noqa: E402
+from art_sglang.tasks import ONE_WORD_QUESTIONS, one_word_rollout  # noqa: E402
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -38,17 +38,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def one_step_groups(model: art.TrainableModel) -> list[art.TrajectoryGroup]:
-    client = model.openai_client()
-
-    async def rollout(q: str) -> art.Trajectory:
-        messages = [{"role": "user", "content": q + ONE_WORD_INSTRUCTION}]
-        r = await client.chat.completions.create(model=model.get_inference_name(), messages=messages, max_tokens=6)
-        return art.Trajectory(
-            messages_and_choices=[*messages, r.choices[0]], reward=one_word_reward(r.choices[0].message.content)
-        )
-
     return await art.gather_trajectory_groups(
-        [art.TrajectoryGroup(rollout(ONE_WORD_QUESTIONS[0]) for _ in range(2))], pbar_desc=None
+        [art.TrajectoryGroup(one_word_rollout(model, ONE_WORD_QUESTIONS[0], max_tokens=6) for _ in range(2))],
+        pbar_desc=None,
     )
 
 
@@ -97,6 +89,7 @@ async def measure(method: str, syncs: int, load: int, workdir: Path) -> dict:
     async with backend:
         await model.register(backend)
         samples, sync_only, bytes_moved = [], [], []
+        parts: dict[str, list[float]] = {}
         for _ in range(syncs):
             groups = await one_step_groups(model)
             result = await backend.train(model, groups, learning_rate=1e-5)
@@ -106,6 +99,9 @@ async def measure(method: str, syncs: int, load: int, workdir: Path) -> dict:
             sync_only.append(sync)
             ckpt = Path(result.checkpoint_path) / "adapter_model.safetensors"
             bytes_moved.append(result.metrics.get("sync/export_bytes", ckpt.stat().st_size))
+            for part in ("export", "update", "restart", "adapter_load"):
+                if f"sync/{part}_seconds" in result.metrics:
+                    parts.setdefault(f"{part}_p50_s", []).append(result.metrics[f"sync/{part}_seconds"])
             print(
                 f"  {method}: step {result.step} sync {sync * 1000:.0f} ms + first token {ttft * 1000:.0f} ms",
                 flush=True,
@@ -116,6 +112,7 @@ async def measure(method: str, syncs: int, load: int, workdir: Path) -> dict:
             sync_p50_s=statistics.median(sync_only),
             bytes=statistics.median(bytes_moved),
             samples_s=samples,
+            **{k: statistics.median(v) for k, v in parts.items()},
         )
         out["bandwidth_MBps"] = out["bytes"] / out["sync_p50_s"] / 1e6
         if load:
@@ -131,6 +128,26 @@ async def measure(method: str, syncs: int, load: int, workdir: Path) -> dict:
                 "latency_p50_s_with_sync": statistics.median(lat),
             }
     return out
+
+
+def plot(results: dict, path: Path) -> None:
+    """Each sync's end-to-end latency per method, on a log scale: the spread and the outliers show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(results["methods"].values()):
+        ax.scatter([i] * len(r["samples_s"]), r["samples_s"], alpha=0.6)
+        ax.hlines(r["p50_s"], i - 0.25, i + 0.25, color="black")
+    ax.set_xticks(range(len(results["methods"])), list(results["methods"]))
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds, step done -> first token of the new policy")
+    ax.set_title("weight sync end to end (each dot a sync, bar: p50)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 async def main() -> None:
@@ -154,7 +171,12 @@ async def main() -> None:
     m = results["methods"]
     print(f"\n{'method':<8} {'p50 (s)':>8} {'p99 (s)':>8} {'sync p50':>9} {'MB moved':>9}")
     for name, r in m.items():
-        print(f"{name:<8} {r['p50_s']:>8.3f} {r['p99_s']:>8.3f} {r['sync_p50_s']:>9.3f} {r['bytes'] / 1e6:>9.1f}")
+        split = ", ".join(
+            f"{k.removesuffix('_p50_s')} {r[k]:.3f} s" for k in r if k.endswith("_p50_s") and k != "sync_p50_s"
+        )
+        print(
+            f"{name:<8} {r['p50_s']:>8.3f} {r['p99_s']:>8.3f} {r['sync_p50_s']:>9.3f} {r['bytes'] / 1e6:>9.1f}  {split}"
+        )
         if "under_load" in r:
             u = r["under_load"]
             print(
@@ -168,6 +190,7 @@ async def main() -> None:
                 print(f"restart / {name} (p50): {results[f'restart_over_{name}']:.1f}x")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
+        plot(results, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

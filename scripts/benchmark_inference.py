@@ -2,8 +2,13 @@
 
 Workload: P prompts x G samples, all sent at once as streamed chat requests. Every prompt shares one system prompt
 (about S tokens) and has its own context; sampling at temperature 1 with exactly T output tokens (ignore_eos), so
-every engine does the same work. The prefix cache is flushed before each run. Reported: output tokens/s, time to
-first token and request latency (p50/p99), prompt tokens, cached prompt tokens and the hit ratio.
+every engine does the same work. With `--turns N` each sample is an agent-like episode of N turns: each turn sends
+the whole conversation so far (the previous replies and a follow-up user message) as soon as the previous turn
+ends. The prefix cache is flushed before each run. Reported: output tokens/s, time to first token and request
+latency (p50/p99), prompt tokens, cached prompt tokens and the hit ratio (also for turns 2..N alone).
+
+Engines: `sglang` and `vllm` direct; `gateway` is SGLang behind our gateway as the backend runs it (prefix warm-up
+of each group's prompt on); `gateway-nowarmup` the same with the warm-up off, which isolates the gateway's own cost.
 
 Each engine runs from its own venv, on 127.0.0.1, one at a time, same model, dtype, prompts and sampling:
     .venv/bin/python scripts/benchmark_inference.py --engine sglang
@@ -58,6 +63,9 @@ def workload(prompts: int, system_words: int, context_words: int, seed: int) -> 
             ]
         )
     return out
+
+
+FOLLOW_UP = "Good. Now continue the list with different words."
 
 
 class VLLMServer:
@@ -149,15 +157,18 @@ async def one_request(
         "stream_options": {"include_usage": True},
     }
     t0 = time.perf_counter()
-    ttft, usage = None, {}
+    ttft, usage, text = None, {}, []
     async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             data = json.loads(line[6:])
-            if ttft is None and data.get("choices") and data["choices"][0].get("delta", {}).get("content"):
-                ttft = time.perf_counter() - t0
+            delta = data["choices"][0].get("delta", {}).get("content") if data.get("choices") else None
+            if delta:
+                text.append(delta)
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
             usage = data.get("usage") or usage
     return {
         "ttft": ttft or time.perf_counter() - t0,
@@ -165,25 +176,41 @@ async def one_request(
         "prompt": usage.get("prompt_tokens", 0),
         "completion": usage.get("completion_tokens", 0),
         "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+        "text": "".join(text),
     }
 
 
+async def episode(
+    client: httpx.AsyncClient, url: str, model: str, messages: list[dict], turns: int, tokens: int, seed: int
+) -> list[dict]:
+    """One sample: `turns` requests, each extending the conversation of the one before."""
+    out = []
+    for turn in range(turns):
+        r = await one_request(client, url, model, messages, tokens, seed + turn)
+        messages = [*messages, {"role": "assistant", "content": r.pop("text")}, {"role": "user", "content": FOLLOW_UP}]
+        out.append({**r, "turn": turn})
+    return out
+
+
 async def run_workload(
-    base: str, model: str, prompts: list[list[dict]], group: int, tokens: int, flush: str | None
+    base: str, model: str, prompts: list[list[dict]], group: int, tokens: int, flush: str | None, turns: int = 1
 ) -> dict:
     async with httpx.AsyncClient(timeout=1800) as client:
         if flush:
             await client.post(flush)
         t0 = time.perf_counter()
-        tasks = [
-            one_request(client, f"{base}/v1/chat/completions", model, m, tokens, seed=i * 100 + j)
+        url = f"{base}/v1/chat/completions"
+        episodes = [
+            episode(client, url, model, m, turns, tokens, seed=(i * 100 + j) * 10)
             for i, m in enumerate(prompts)
             for j in range(group)
         ]
-        results = await asyncio.gather(*tasks)
+        results = [r for e in await asyncio.gather(*episodes) for r in e]
         wall = time.perf_counter() - t0
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, round(p * (len(xs) - 1)))]  # noqa: E731
     prompt, cached = sum(r["prompt"] for r in results), sum(r["cached"] for r in results)
+    later = [r for r in results if r["turn"] > 0]
+    later_prompt = sum(r["prompt"] for r in later)
     return {
         "wall_s": wall,
         "output_tok_s": sum(r["completion"] for r in results) / wall,
@@ -194,6 +221,7 @@ async def run_workload(
         "prompt_tokens": prompt,
         "cached_tokens": cached,
         "hit_ratio": cached / prompt if prompt else 0.0,
+        "later_turns_hit_ratio": sum(r["cached"] for r in later) / later_prompt if later_prompt else float("nan"),
     }
 
 
@@ -215,8 +243,8 @@ async def bench_engine(engine: str, model: Path, args: argparse.Namespace, logs:
         )
         await server.start()
         base, name, flush = server.base_url, "bench", f"{server.base_url}/flush_cache"
-        if engine == "gateway":
-            gateway = Gateway(server.base_url, "bench")
+        if engine.startswith("gateway"):
+            gateway = Gateway(server.base_url, "bench", prefix_warmup=engine == "gateway")
             gateway.start()
             gateway.set_route("bench", 0, None)
             base = gateway.base_url.removesuffix("/v1")
@@ -224,7 +252,7 @@ async def bench_engine(engine: str, model: Path, args: argparse.Namespace, logs:
         await run_workload(base, name, prompts[:1], 1, 4, None)  # warm-up
         runs = []
         for i in range(args.runs):
-            r = await run_workload(base, name, prompts, args.group_size, args.max_tokens, flush)
+            r = await run_workload(base, name, prompts, args.group_size, args.max_tokens, flush, args.turns)
             print(
                 f"  {engine} run {i + 1}: {r['output_tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_s']:.2f} s, "
                 f"hit {r['hit_ratio']:.0%}",
@@ -244,13 +272,14 @@ def median_of(runs: list[dict]) -> dict:
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", default="sglang", help="sglang, vllm, gateway (SGLang behind our gateway), or a list")
+    p.add_argument("--engine", default="sglang", help="sglang, vllm, gateway, gateway-nowarmup, or a list")
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--system-words", type=int, default=150, help="shared system prompt length (words)")
     p.add_argument("--context-words", type=int, default=60, help="per-prompt context length (words)")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (turn)")
+    p.add_argument("--turns", type=int, default=1, help="turns per episode (agent-like multi-turn when > 1)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
@@ -270,18 +299,18 @@ async def main() -> None:
         runs = await bench_engine(engine, model, args, logs)
         results["engines"][engine] = {"median": median_of(runs), "runs": runs}
     print(
-        f"\n{'engine':<8} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} "
-        f"{'prompt':>7} {'cached':>7} {'hit':>5}"
+        f"\n{'engine':<17} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} "
+        f"{'prompt':>7} {'cached':>7} {'hit':>5} {'hit 2+':>6}"
     )
     for engine, r in results["engines"].items():
         m = r["median"]
         print(
-            f"{engine:<8} {m['output_tok_s']:>7.1f} {m['ttft_p50_s']:>9.2f} {m['ttft_p99_s']:>9.2f} "
+            f"{engine:<17} {m['output_tok_s']:>7.1f} {m['ttft_p50_s']:>9.2f} {m['ttft_p99_s']:>9.2f} "
             f"{m['latency_p50_s']:>8.2f} {m['latency_p99_s']:>8.2f} {m['prompt_tokens']:>7.0f} "
-            f"{m['cached_tokens']:>7.0f} {m['hit_ratio']:>5.0%}"
+            f"{m['cached_tokens']:>7.0f} {m['hit_ratio']:>5.0%} {m['later_turns_hit_ratio']:>6.0%}"
         )
     e = results["engines"]
-    for a, b in (("sglang", "vllm"), ("gateway", "sglang")):
+    for a, b in (("sglang", "vllm"), ("gateway", "sglang"), ("gateway-nowarmup", "sglang")):
         if a in e and b in e:
             ratio = e[a]["median"]["output_tok_s"] / e[b]["median"]["output_tok_s"]
             results[f"{a}_over_{b}"] = ratio

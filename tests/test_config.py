@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from art_sglang import ConfigError, DeviceConfig, SGLangConfig
+from art_sglang import ConfigError, DeviceConfig, SGLangConfig, TrainerConfig
 from art_sglang.config import place
 
 
@@ -111,3 +111,25 @@ def test_explicit_placement():
     assert p.mode == "shared"
     with pytest.raises(ConfigError, match=r"GPU\(s\) \[2, 3\] do not exist: 2 visible"):
         place(DeviceConfig(inference_device=0, training_devices=[2, 3], auto_detect=False), 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "hint"),
+    [
+        ({"lora_rank": 0}, "lora_rank", ">= 1"),
+        ({"lora_alpha": 1.5}, "lora_alpha", ">= 1"),
+        ({"micro_batch_tokens": 0}, "micro_batch_tokens", ">= 1"),
+        ({"cpu_threads": 0}, "cpu_threads", ">= 1"),
+        ({"max_grad_norm": 0}, "max_grad_norm", "> 0"),
+        ({"overlong": "drop"}, "overlong", "'skip' or 'truncate'"),
+        ({"max_sequence_length": 1}, "max_sequence_length", ">= 2"),
+        ({"dtype": "int8"}, "dtype", "float32"),
+        ({"target_modules": []}, "target_modules", "non-empty list"),
+        ({"target_modules": ["q_proj", "lm_head"]}, "target_modules", "output layer stays frozen"),
+    ],
+)
+def test_invalid_trainer_config(kwargs, field, hint):
+    with pytest.raises(ConfigError) as err:
+        TrainerConfig(**kwargs)
+    assert err.value.field == field
+    assert hint in str(err.value)

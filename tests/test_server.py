@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,6 +168,9 @@ async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, 
             crashes.append(reason)
 
         watcher = asyncio.create_task(server.watch(on_crash, interval=0.2))
+        first_scratch = server._scratch
+        sockets = [p.name for p in first_scratch.iterdir()]
+        assert sockets, "SGLang's IPC sockets live in the server's private TMPDIR"
         os.kill(max(children), signal.SIGKILL)
         await asyncio.wait_for(watcher, timeout=30)
         assert crashes and ("died" in crashes[0] or "exited" in crashes[0])
@@ -176,10 +180,14 @@ async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, 
         assert server.port == port and server.restarts == 1
         async with SGLangClient(server.base_url) as c:
             assert await c.health()
-        pgid = server.pid
+        pgid, scratch = server.pid, server._scratch
+        # What the killed server left (IPC sockets, /dev/shm load files named after them) went with its stop.
+        assert not first_scratch.exists()
+        assert not [f for name in sockets for f in Path("/dev/shm").glob(f"sglang_loads_{name}_*")]
     finally:
         server.stop()
     assert not process_group_members(pgid)
+    assert not scratch.exists()
     assert "=== art_sglang: starting" in (tmp_path / "s.log").read_text()
 
 

@@ -118,6 +118,7 @@ async def test_checkpoint_is_plain_peft_atomic_and_resumable(tok, model_path, tm
         ckpt = await group.save_checkpoint(tmp_path / "checkpoints" / "0001", step=1)
         trained = await group.logprobs(seqs)
         export = await group.export_merged(tmp_path / "merged")
+        changed = await group.export_merged(tmp_path / "changed", changed_only=True, dtype="bfloat16")
     finally:
         await group.shutdown()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0001"]  # no temporary left
@@ -139,6 +140,15 @@ async def test_checkpoint_is_plain_peft_atomic_and_resumable(tok, model_path, tm
     with torch.no_grad():
         merged_logits = merged(torch.tensor([s.token_ids])).logits[0, :-1]
     assert torch.allclose(merged_logits, logits, atol=1e-3)
+
+    # For an in-place update: only the adapted layers, in the server's dtype, equal to the full export's.
+    full, part = (
+        load_file(tmp_path / "merged" / "model.safetensors"),
+        load_file(tmp_path / "changed" / "model.safetensors"),
+    )
+    assert part and all(k.endswith("_proj.weight") for k in part) and "model.embed_tokens.weight" not in part
+    assert all(part[k].dtype == torch.bfloat16 and torch.equal(part[k], full[k].bfloat16()) for k in part)
+    assert changed["export_bytes"] < export["export_bytes"] / 2
 
     # A new worker resumes at the checkpoint's step with the same weights.
     group = TrainerGroup(settings, devices=[], log_dir=tmp_path / "logs")

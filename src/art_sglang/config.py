@@ -236,3 +236,8 @@ class TrainerConfig:
             raise ConfigError("max_sequence_length", self.max_sequence_length, "None or an integer >= 2")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        modules = self.target_modules
+        if not (isinstance(modules, list | tuple) and modules and all(isinstance(m, str) for m in modules)):
+            raise ConfigError("target_modules", modules, f"a non-empty list of module names, e.g. {list(ALL_LINEAR)}")
+        if "lm_head" in modules:
+            raise ConfigError("target_modules", modules, "no 'lm_head': the output layer stays frozen under LoRA")

@@ -32,6 +32,9 @@ class StepRow:
     rollout_tok_s: float
     cache_hit: float
     logprob_gap: float
+    prep_s: float = 0.0  # inside train(): persisting the trajectories, tokenizing, waiting for the lock
+    other_s: float = 0.0  # outside rollout and train(): logging, the plot's bookkeeping
+    wall_s: float = 0.0  # the whole step, rollout to logged
 
 
 HEADER = ("step", "reward", "± std", "rollout s", "train s", "sync s", "tok/s", "cache hit", "lp gap")
@@ -78,6 +81,7 @@ def plot(rows: list[StepRow], path: Path, title: str) -> Path:
         ("rollout", [r.rollout_s for r in rows]),
         ("train", [r.train_s for r in rows]),
         ("sync", [r.sync_s for r in rows]),
+        ("other", [r.prep_s + r.other_s for r in rows]),
     ):
         ax2.bar(steps, values, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
@@ -99,7 +103,7 @@ async def run(args: argparse.Namespace) -> list[StepRow]:
 
     from .backend import SGLangBackend
     from .config import SGLangConfig, TrainerConfig
-    from .tasks import ONE_WORD_INSTRUCTION, ONE_WORD_QUESTIONS, one_word_reward
+    from .tasks import ONE_WORD_QUESTIONS, one_word_rollout
 
     rng = random.Random(args.seed)
     model = art.TrainableModel(name=args.name, project=args.project, base_model=args.model)
@@ -115,17 +119,9 @@ async def run(args: argparse.Namespace) -> list[StepRow]:
         t0 = time.monotonic()
         await model.register(backend)
         print(f"[demo] ready in {time.monotonic() - t0:.0f} s; serving at {model.inference_base_url}")
-        client = model.openai_client()
 
         async def rollout(question: str) -> art.Trajectory:
-            messages = [{"role": "user", "content": question + ONE_WORD_INSTRUCTION}]
-            r = await client.chat.completions.create(
-                model=model.get_inference_name(), messages=messages, max_tokens=args.max_tokens, temperature=1.0
-            )
-            choice = r.choices[0]
-            return art.Trajectory(
-                messages_and_choices=[*messages, choice], reward=one_word_reward(choice.message.content)
-            )
+            return await one_word_rollout(model, question, max_tokens=args.max_tokens)
 
         print(header())
         start_step = await backend._get_step(model)
@@ -142,8 +138,10 @@ async def run(args: argparse.Namespace) -> list[StepRow]:
             with tqdm(total=1, desc=f"train {start_step + i}", leave=False) as bar:
                 result = await backend.train(model, groups, learning_rate=args.learning_rate)
                 bar.update(1)
+            train_call_s = time.monotonic() - t_roll - rollout_s
             m = result.metrics
             await model.log(groups, metrics=m, step=result.step, split="train")
+            wall_s = time.monotonic() - t_roll
             row = StepRow(
                 step=result.step - 1,
                 reward_mean=statistics.fmean(rewards),
@@ -155,6 +153,9 @@ async def run(args: argparse.Namespace) -> list[StepRow]:
                 rollout_tok_s=m.get("rollout/completion_tokens", 0.0) / max(rollout_s, 1e-9),
                 cache_hit=m.get("rollout/cache_hit_ratio", 0.0),
                 logprob_gap=m.get("engine_trainer_logprob_gap", 0.0),
+                prep_s=max(0.0, train_call_s - m.get("time/train_s", 0.0) - m.get("time/sync_s", 0.0)),
+                other_s=max(0.0, wall_s - rollout_s - train_call_s),
+                wall_s=wall_s,
             )
             rows.append(row)
             tqdm.write(format_row(row))

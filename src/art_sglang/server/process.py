@@ -13,9 +13,11 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -93,6 +95,7 @@ class SGLangServer:
         self.port: int | None = config.port
         self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._scratch: Path | None = None  # the server's TMPDIR
         self._tree: set[int] = set()
         self._python = find_server_python(config.server_python)
 
@@ -199,12 +202,16 @@ class SGLangServer:
             check_port_free(self.config.host, self.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
+        # SGLang names its IPC sockets (and, after them, its /dev/shm load files) with tempfile and leaves them
+        # behind when killed: a private TMPDIR lets stop() find and remove them.
+        self._scratch = Path(tempfile.mkdtemp(prefix="art-sglang-server-"))
+        env = {**self.environment(), "TMPDIR": str(self._scratch)}
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n=== art_sglang: starting at {time.strftime('%F %T')}: {' '.join(cmd)}\n".encode())
             logf.flush()
             self._proc = subprocess.Popen(
                 cmd,
-                env=self.environment(),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
@@ -269,6 +276,17 @@ class SGLangServer:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
         self._tree = set()
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        scratch, self._scratch = self._scratch, None
+        if scratch is None:
+            return
+        with contextlib.suppress(OSError):
+            for entry in scratch.iterdir():
+                for shm in Path("/dev/shm").glob(f"sglang_loads_{entry.name}_*.shm"):
+                    shm.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
     async def restart(self, model_path: str | Path | None = None, weight_version: str | None = None) -> None:
         """Stop and start again on the same port (clients keep their URL), optionally on new weights."""

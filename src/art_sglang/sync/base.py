@@ -40,10 +40,11 @@ class WeightSync:
     async def close(self) -> None:
         """Finish background work (adapter unloads)."""
 
-    async def export(self, step: int) -> tuple[Path, dict[str, float]]:
-        """Merged weights for `step`, replacing older exports (they are only read while being loaded)."""
+    async def export(self, step: int, changed_only: bool = False) -> tuple[Path, dict[str, float]]:
+        """Merged weights for `step` in the server's dtype, replacing older exports (only read while loading)."""
         target = self.ctx.merged_root / f"step-{step:04d}"
-        stats = await self.ctx.trainer.export_merged(target)
+        dtype = self.ctx.config.dtype if self.ctx.config.dtype in ("float32", "bfloat16", "float16") else None
+        stats = await self.ctx.trainer.export_merged(target, changed_only, dtype)
         for old in self.ctx.merged_root.glob("step-*"):
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)

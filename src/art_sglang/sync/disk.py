@@ -1,5 +1,7 @@
 """`disk`: merged weights through `update_weights_from_disk`, never flushing while requests run.
 
+Only the layers the adapter touches are written and loaded (the server keeps its embeddings and norms).
+
 New requests wait at the gateway. If the server drains within `drain_timeout`, the update flushes the cache
 itself. Otherwise: pause (retract), update without flush, continue, and flush once idle, all before the gate
 opens, so no new request meets KV computed with the old weights. Requests in flight during such an update finish
@@ -21,7 +23,7 @@ class DiskSync(WeightSync):
 
     async def apply(self, step: int, checkpoint: Path) -> dict[str, float]:
         started = time.monotonic()
-        merged, stats = await self.export(step)
+        merged, stats = await self.export(step, changed_only=True)
         exported = time.monotonic()
         await self._update(step, merged)
         return {
@@ -64,5 +66,5 @@ class DiskSync(WeightSync):
         if step == 0:  # the untrained adapter is the base model
             self.ctx.gateway.set_route(self.ctx.name, step, None)
             return
-        merged, _ = await self.export(step)
+        merged, _ = await self.export(step, changed_only=True)
         await self._update(step, merged)

@@ -385,28 +385,34 @@ class PolicyTrainer:
         return self.step
 
     @torch.no_grad()
-    def export_merged(self, directory: str | Path) -> dict[str, float]:
+    def export_merged(
+        self, directory: str | Path, changed_only: bool = False, dtype: str | None = None
+    ) -> dict[str, float]:
         """Base weights with the adapter merged in, as safetensors + config.json, for update_weights_from_disk.
 
+        `changed_only`: just the layers the adapter touches (a server updating in place keeps the rest; a server
+        starting from the directory needs everything). `dtype`: write in the server's dtype (None: the base's).
         The merge is computed into new tensors (base weights are never modified, so no drift accumulates).
         """
         from peft.tuners.lora import LoraLayer
         from safetensors.torch import save_file
 
         started = time.monotonic()
+        out_dtype = getattr(torch, dtype) if dtype else None
         base = self.model.get_base_model()
         merged: dict[str, torch.Tensor] = {}
         for name, module in base.named_modules():
             if isinstance(module, LoraLayer):
                 weight = module.get_base_layer().weight
                 delta = module.get_delta_weight(module.active_adapters[0])
-                merged[f"{name}.weight"] = (weight + delta.to(weight.dtype)).contiguous()
+                merged[f"{name}.weight"] = weight + delta.to(weight.dtype)
         state = {}
         for key, tensor in base.state_dict().items():
-            if "lora_" in key:
-                continue
             key = key.replace(".base_layer.", ".")
-            state[key] = merged.get(key, tensor).detach().to("cpu").contiguous()
+            if "lora_" in key or (changed_only and key not in merged):
+                continue
+            tensor = merged.get(key, tensor).detach()
+            state[key] = tensor.to("cpu", dtype=out_dtype or tensor.dtype).contiguous()
         if getattr(base.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         target = Path(directory)
@@ -424,7 +430,7 @@ class PolicyTrainer:
             "vocab*",
             "merges.txt",
         ):
-            for f in Path(self.settings.base_model).glob(pattern):
+            for f in Path(self.settings.base_model).glob(pattern) if not changed_only else ():
                 shutil.copy2(f, tmp / f.name)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)

@@ -75,7 +75,9 @@ def _worker_main(address: str, rank: int, world_size: int, dist_port: int) -> No
         "logprobs": lambda sequences: trainer.sequence_logprobs(sequences),
         "save_checkpoint": lambda directory, step: str(trainer.save_checkpoint(directory, step)),
         "load_checkpoint": lambda directory: trainer.load_checkpoint(directory),
-        "export_merged": lambda directory: trainer.export_merged(directory),
+        "export_merged": lambda directory, changed_only=False, dtype=None: trainer.export_merged(
+            directory, changed_only, dtype
+        ),
         "offload": lambda: trainer.offload(),
         "reload": lambda: trainer.reload(),
         "exit_now": lambda code: os._exit(code),  # for tests of crash handling
@@ -301,8 +303,11 @@ class TrainerGroup:
     async def load_checkpoint(self, directory: str | Path) -> int:
         return (await self.call("load_checkpoint", directory=str(directory)))[0]
 
-    async def export_merged(self, directory: str | Path) -> dict[str, float]:
-        return (await self.call("export_merged", ranks=[0], directory=str(directory)))[0]
+    async def export_merged(
+        self, directory: str | Path, changed_only: bool = False, dtype: str | None = None
+    ) -> dict[str, float]:
+        kwargs = {"directory": str(directory), "changed_only": changed_only, "dtype": dtype}
+        return (await self.call("export_merged", ranks=[0], **kwargs))[0]
 
     async def offload(self) -> dict[str, float]:
         return (await self.call("offload"))[0]
