@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -168,9 +167,9 @@ async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, 
             crashes.append(reason)
 
         watcher = asyncio.create_task(server.watch(on_crash, interval=0.2))
-        first_scratch = server._scratch
-        sockets = [p.name for p in first_scratch.iterdir()]
-        assert sockets, "SGLang's IPC sockets live in the server's private TMPDIR"
+        first_scratch, first_shm = server._scratch, server._shm_files
+        assert list(first_scratch.iterdir()), "SGLang's IPC sockets live in the server's private TMPDIR"
+        assert first_shm and all(f.exists() for f in first_shm), "its /dev/shm files are known"
         os.kill(max(children), signal.SIGKILL)
         await asyncio.wait_for(watcher, timeout=30)
         assert crashes and ("died" in crashes[0] or "exited" in crashes[0])
@@ -183,7 +182,7 @@ async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, 
         pgid, scratch = server.pid, server._scratch
         # What the killed server left (IPC sockets, /dev/shm load files named after them) went with its stop.
         assert not first_scratch.exists()
-        assert not [f for name in sockets for f in Path("/dev/shm").glob(f"sglang_loads_{name}_*")]
+        assert not [f for f in first_shm if f.exists()]
     finally:
         server.stop()
     assert not process_group_members(pgid)

@@ -37,3 +37,18 @@ def die_with_parent() -> None:
     """In a child before exec: get SIGTERM if the process that started it dies, even by kill -9."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def mapped_shm_files(pids: set[int]) -> set[Path]:
+    """Files under /dev/shm that these processes map (shared-memory segments and named semaphores)."""
+    found = set()
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/") and not fields[5].endswith("(deleted)"):
+                found.add(Path(fields[5]))
+    return found

@@ -27,7 +27,7 @@ import httpx
 
 from ..config import MAX_PORT, SGLangConfig
 from ..errors import PortInUseError, ServerCrashedError, ServerStartError
-from ..procs import alive, die_with_parent, process_group_members
+from ..procs import alive, die_with_parent, mapped_shm_files, process_group_members
 from .venv import find_server_python
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class SGLangServer:
         self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._scratch: Path | None = None  # the server's TMPDIR
+        self._shm_files: set[Path] = set()  # what its processes mapped in /dev/shm
         self._tree: set[int] = set()
         self._python = find_server_python(config.server_python)
 
@@ -202,8 +203,8 @@ class SGLangServer:
             check_port_free(self.config.host, self.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
-        # SGLang names its IPC sockets (and, after them, its /dev/shm load files) with tempfile and leaves them
-        # behind when killed: a private TMPDIR lets stop() find and remove them.
+        # SGLang names its IPC sockets with tempfile and leaves them behind when killed (its /dev/shm files too,
+        # found from its processes' memory maps once it is up): a private TMPDIR lets stop() remove them.
         self._scratch = Path(tempfile.mkdtemp(prefix="art-sglang-server-"))
         env = {**self.environment(), "TMPDIR": str(self._scratch)}
         with open(self.log_path, "ab") as logf:
@@ -226,6 +227,7 @@ class SGLangServer:
             self.stop()
             raise
         self._tree = process_group_members(self._proc.pid)
+        self._shm_files = mapped_shm_files(self._tree)  # removed at stop: a killed server cannot
 
     async def _wait_healthy(self) -> None:
         assert self._proc is not None
@@ -280,13 +282,12 @@ class SGLangServer:
 
     def _remove_scratch(self) -> None:
         scratch, self._scratch = self._scratch, None
-        if scratch is None:
-            return
-        with contextlib.suppress(OSError):
-            for entry in scratch.iterdir():
-                for shm in Path("/dev/shm").glob(f"sglang_loads_{entry.name}_*.shm"):
-                    shm.unlink(missing_ok=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+        files, self._shm_files = self._shm_files, set()
+        for f in files:
+            with contextlib.suppress(OSError):
+                f.unlink(missing_ok=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     async def restart(self, model_path: str | Path | None = None, weight_version: str | None = None) -> None:
         """Stop and start again on the same port (clients keep their URL), optionally on new weights."""
