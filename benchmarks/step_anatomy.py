@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -57,11 +58,16 @@ def main() -> None:
     args = p.parse_args()
     if args.name is None:
         args.name = f"anatomy-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.path == ".art":
-        args.path = tempfile.mkdtemp(prefix="art-sglang-anatomy-")
+    scratch = None
+    if args.path == ".art":  # a run of its own, removed at the end
+        args.path = scratch = tempfile.mkdtemp(prefix="art-sglang-anatomy-")
     for var, value in (("LITELLM_LOCAL_MODEL_COST_MAP", "True"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(var, value)
-    rows = [asdict(r) for r in asyncio.run(demo.run(args))]
+    try:
+        rows = [asdict(r) for r in asyncio.run(demo.run(args))]
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     steady = rows[1:] or rows
     mean = {part: statistics.fmean(r[part] for r in steady) for part in (*PARTS, "wall_s")}
     share = {part: mean[part] / mean["wall_s"] for part in PARTS}

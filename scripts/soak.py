@@ -205,23 +205,25 @@ async def soak(args: argparse.Namespace) -> dict:
 
 
 def growth(steps: list[dict], warmup: int) -> dict[str, dict[str, float]]:
-    """Per process: RSS after the warm-up steps, at the end, and the largest seen. The server's processes are
-    new after each kill: their growth is measured over the last server's life."""
+    """Per process: RSS after the warm-up steps, at the end, the largest seen and the growth in between. A killed
+    server's processes are replaced: theirs is measured over each server's life, and the largest growth kept."""
     out = {}
-    last_server = max((s["server_restarts"] for s in steps), default=0)
+    lives: dict[float, list[dict]] = {}
+    for s in steps:
+        lives.setdefault(s["server_restarts"], []).append(s)
     for key in sorted({k for s in steps for k in s["rss_mb"]}):
-        life = [s for s in steps if not key.startswith("server") or s["server_restarts"] == last_server]
-        series = [s["rss_mb"][key] for s in life if key in s["rss_mb"]]
-        if not series:
-            continue
-        start = series[min(warmup, len(series) - 1)]
-        out[key] = {
-            "after_warmup_mb": start,
-            "end_mb": series[-1],
-            "max_mb": max(series),
-            "growth_mb": series[-1] - start,
-            "steps_measured": len(series),
-        }
+        spans = list(lives.values()) if key.startswith("server") else [steps]
+        rows = []
+        for span in spans:
+            series = [s["rss_mb"][key] for s in span if key in s["rss_mb"]]
+            if len(series) > warmup:
+                start = series[warmup]
+                rows.append(
+                    {"after_warmup_mb": start, "end_mb": series[-1], "max_mb": max(series), "steps": len(series)}
+                )
+        if rows:
+            worst = max(rows, key=lambda r: r["end_mb"] - r["after_warmup_mb"])
+            out[key] = {**worst, "growth_mb": worst["end_mb"] - worst["after_warmup_mb"], "lives": len(rows)}
     return out
 
 
@@ -258,8 +260,14 @@ def main() -> None:
     p.add_argument("--sync", default="lora")
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--summarize", type=Path, default=None, help="recompute the summary and plot of a saved run")
     args = p.parse_args()
-    result = asyncio.run(soak(args))
+    if args.summarize:
+        result = json.loads(args.summarize.read_text())
+        result["rss_growth"] = growth(result["steps"], args.warmup_steps)
+        args.out = args.out or args.summarize
+    else:
+        result = asyncio.run(soak(args))
     summary = {k: v for k, v in result.items() if k != "steps"}
     print(json.dumps(summary, indent=2))
     if args.out:
