@@ -30,27 +30,6 @@ from art_sglang import demo  # noqa: E402
 PARTS = ("rollout_s", "prep_s", "train_s", "sync_s", "other_s")
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bottom = [0.0] * len(rows)
-    for part in PARTS:
-        values = [r[part] for r in rows]
-        ax.bar([r["step"] for r in rows], values, bottom=bottom, label=part.removesuffix("_s"))
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set_xlabel("step")
-    ax.set_ylabel("seconds")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(p)
@@ -64,10 +43,11 @@ def main() -> None:
     for var, value in (("LITELLM_LOCAL_MODEL_COST_MAP", "True"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(var, value)
     try:
-        rows = [asdict(r) for r in asyncio.run(demo.run(args))]
+        steps = asyncio.run(demo.run(args))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+    rows = [asdict(r) for r in steps]
     steady = rows[1:] or rows
     mean = {part: statistics.fmean(r[part] for r in steady) for part in (*PARTS, "wall_s")}
     share = {part: mean[part] / mean["wall_s"] for part in PARTS}
@@ -87,7 +67,8 @@ def main() -> None:
             "share_after_first": share,
         }
         args.out.write_text(json.dumps(result, indent=2))
-        plot(rows, args.out.with_suffix(".png"), f"demo-sized RL step on {os.cpu_count()} CPU cores, {args.sync} sync")
+        # The demo's own plot: reward, and the time of each step split into rollout, train, sync and the rest.
+        demo.plot(steps, args.out.with_suffix(".png"), f"demo-sized RL step on {os.cpu_count()} CPU cores, {args.sync}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import art
 import pytest
 from rollouts import BASE, gather, make_backend, rollout
 
+from art_sglang import paths
 from art_sglang.errors import ArtSGLangError
 from art_sglang.tasks import ONE_WORD_QUESTIONS
 from art_sglang.trainer.worker import TrainerCrashedError
@@ -38,7 +39,7 @@ def in_flight(run) -> int:
 
 
 def saved_trajectories(run, step: int) -> int:
-    lines = (run.model_dir / "train_inputs" / f"{step:04d}.jsonl").read_text().splitlines()
+    lines = paths.train_inputs(run.model_dir, step).read_text().splitlines()
     return sum(len(json.loads(line)["trajectories"]) for line in lines)
 
 

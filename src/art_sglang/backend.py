@@ -198,10 +198,8 @@ class SGLangBackend:
         async with run.lock:
             started = time.monotonic()
             next_step = run.step + 1
-            _write_atomic(
-                run.model_dir / "train_inputs" / f"{next_step:04d}.jsonl",
-                "\n".join(g.model_dump_json() for g in groups),
-            )  # nothing is lost if training fails
+            inputs = paths.train_inputs(run.model_dir, next_step)
+            _write_atomic(inputs, "\n".join(g.model_dump_json() for g in groups))  # nothing is lost if training fails
             prepared = await asyncio.to_thread(prepare, groups, run.tokenizer, **prep_kwargs)
             rollout = _rollout_metrics(run.gateway.take_counters())
             if not run.trainer.running:  # it crashed in an earlier step: start again from the last checkpoint
@@ -222,9 +220,8 @@ class SGLangBackend:
             except TrainerCrashedError as e:
                 raise TrainerCrashedError(
                     f"step {next_step} failed in the trainer; the policy stays at step {run.step} and no checkpoint "
-                    f"was written for step {next_step}. Its trajectories are saved in "
-                    f"{run.model_dir / 'train_inputs' / f'{next_step:04d}.jsonl'}. The next train() call restarts "
-                    f"the trainer from checkpoint {run.step} (so does a new backend).\n{e}"
+                    f"was written for step {next_step}. Its trajectories are saved in {inputs}. The next train() call "
+                    f"restarts the trainer from checkpoint {run.step} (so does a new backend).\n{e}"
                 ) from None
             train_seconds = time.monotonic() - t0
             restarted = False

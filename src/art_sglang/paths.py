@@ -17,3 +17,8 @@ def server_log(project: str, name: str, art_path: str | Path = DEFAULT_ART_PATH)
 
 def checkpoint_dir(model_dir: Path, step: int) -> Path:
     return model_dir / "checkpoints" / f"{step:04d}"
+
+
+def train_inputs(model_dir: Path, step: int) -> Path:
+    """The trajectory groups of a step, written before it trains."""
+    return model_dir / "train_inputs" / f"{step:04d}.jsonl"

@@ -278,9 +278,9 @@ class SGLangServer:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
         self._tree = set()
-        self._remove_scratch()
+        self._remove_leftovers()
 
-    def _remove_scratch(self) -> None:
+    def _remove_leftovers(self) -> None:
         scratch, self._scratch = self._scratch, None
         files, self._shm_files = self._shm_files, set()
         for f in files:

@@ -43,7 +43,7 @@ class WeightSync:
     async def export(self, step: int, changed_only: bool = False) -> tuple[Path, dict[str, float]]:
         """Merged weights for `step` in the server's dtype, replacing older exports (only read while loading)."""
         target = self.ctx.merged_root / f"step-{step:04d}"
-        dtype = self.ctx.config.dtype if self.ctx.config.dtype in ("float32", "bfloat16", "float16") else None
+        dtype = None if self.ctx.config.dtype == "auto" else self.ctx.config.dtype
         stats = await self.ctx.trainer.export_merged(target, changed_only, dtype)
         for old in self.ctx.merged_root.glob("step-*"):
             if old != target:

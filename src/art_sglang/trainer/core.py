@@ -24,6 +24,15 @@ from .loss import LossConfig, policy_loss
 from .sequence import Sequence
 
 TRAINER_STATE = "trainer_state.pt"
+# Besides weights and config.json, what a server needs to start from an exported directory.
+SERVABLE_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template*",
+    "generation_config.json",
+    "vocab*",
+    "merges.txt",
+)
 
 
 @dataclass
@@ -406,13 +415,12 @@ class PolicyTrainer:
                 weight = module.get_base_layer().weight
                 delta = module.get_delta_weight(module.active_adapters[0])
                 merged[f"{name}.weight"] = weight + delta.to(weight.dtype)
-        state = {}
-        for key, tensor in base.state_dict().items():
-            key = key.replace(".base_layer.", ".")
-            if "lora_" in key or (changed_only and key not in merged):
-                continue
-            tensor = merged.get(key, tensor).detach()
-            state[key] = tensor.to("cpu", dtype=out_dtype or tensor.dtype).contiguous()
+        if changed_only:
+            source = merged
+        else:
+            source = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+            source.update(merged)
+        state = {k: t.detach().to("cpu", dtype=out_dtype or t.dtype).contiguous() for k, t in source.items()}
         if getattr(base.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         target = Path(directory)
@@ -422,15 +430,8 @@ class PolicyTrainer:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         base.config.to_json_file(str(tmp / "config.json"))
         # Tokenizer and generation files too: a server can start from this directory alone.
-        for pattern in (
-            "tokenizer*",
-            "special_tokens_map.json",
-            "chat_template*",
-            "generation_config.json",
-            "vocab*",
-            "merges.txt",
-        ):
-            for f in Path(self.settings.base_model).glob(pattern) if not changed_only else ():
+        for pattern in () if changed_only else SERVABLE_FILES:
+            for f in Path(self.settings.base_model).glob(pattern):
                 shutil.copy2(f, tmp / f.name)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)

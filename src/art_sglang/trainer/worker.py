@@ -75,9 +75,7 @@ def _worker_main(address: str, rank: int, world_size: int, dist_port: int) -> No
         "logprobs": lambda sequences: trainer.sequence_logprobs(sequences),
         "save_checkpoint": lambda directory, step: str(trainer.save_checkpoint(directory, step)),
         "load_checkpoint": lambda directory: trainer.load_checkpoint(directory),
-        "export_merged": lambda directory, changed_only=False, dtype=None: trainer.export_merged(
-            directory, changed_only, dtype
-        ),
+        "export_merged": trainer.export_merged,
         "offload": lambda: trainer.offload(),
         "reload": lambda: trainer.reload(),
         "exit_now": lambda code: os._exit(code),  # for tests of crash handling
