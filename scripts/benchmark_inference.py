@@ -7,8 +7,9 @@ the whole conversation so far (the previous replies and a follow-up user message
 ends. The prefix cache is flushed before each run. Reported: output tokens/s, time to first token and request
 latency (p50/p99), prompt tokens, cached prompt tokens and the hit ratio (also for turns 2..N alone).
 
-Engines: `sglang` and `vllm` direct; `gateway` is SGLang behind our gateway as the backend runs it (prefix warm-up
-of each group's prompt on); `gateway-nowarmup` the same with the warm-up off, which isolates the gateway's own cost.
+Engines: `sglang` and `vllm` direct; `gateway` is SGLang behind our gateway as the backend runs it (prompts rendered
+by the gateway with token-exact history, prefix warm-up of each group's prompt on); `gateway-nowarmup` the same with
+the warm-up off, which isolates the gateway's own cost.
 
 Each engine runs from its own venv, on 127.0.0.1, one at a time, same model, dtype, prompts and sampling:
     .venv/bin/python scripts/benchmark_inference.py --engine sglang
@@ -37,6 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from art_sglang.chat import ChatTemplate  # noqa: E402
 from art_sglang.config import SGLangConfig  # noqa: E402
 from art_sglang.gateway import Gateway  # noqa: E402
 from art_sglang.models import check_model_dir, small_model  # noqa: E402
@@ -244,7 +246,8 @@ async def bench_engine(engine: str, model: Path, args: argparse.Namespace, logs:
         await server.start()
         base, name, flush = server.base_url, "bench", f"{server.base_url}/flush_cache"
         if engine.startswith("gateway"):
-            gateway = Gateway(server.base_url, "bench", prefix_warmup=engine == "gateway")
+            template = ChatTemplate.load(model)
+            gateway = Gateway(server.base_url, "bench", template=template, prefix_warmup=engine == "gateway")
             gateway.start()
             gateway.set_route("bench", 0, None)
             base = gateway.base_url.removesuffix("/v1")

@@ -5,7 +5,8 @@ the server's whole process group gets SIGKILL while a step's rollouts run: the g
 the backend must restart the server on the newest policy, and no rollout may fail. The RSS of each process
 (this one, the SGLang launcher, scheduler and detokenizer, the trainer worker) is sampled every step. At the end
 the backend is closed and the script checks that no process it started is alive, no port it used still listens,
-and no temporary directory it made is left.
+and no temporary directory it made is left. The one-word task saturates within minutes (every sample scores 1, and
+a group of equal rewards trains nothing), so rewards get uniform noise (`--reward-noise`): every step trains.
 
     .venv/bin/python scripts/soak.py --minutes 30 --out docs/results/soak_cpu.json   # + soak_cpu.png
 """
@@ -17,6 +18,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -81,8 +83,8 @@ def temp_entries(prefixes: tuple[str, ...] = ("tmp", "pymp-", "art-sglang", "sgl
     return out
 
 
-def sample(backend: SGLangBackend, name: str, seen: set[int]) -> dict[str, float]:
-    run = backend._runs[name]
+def sample(backend: SGLangBackend, model, seen: set[int]) -> dict[str, float]:
+    run = backend.model_run(model)
     out = {"backend (this process)": rss_mb(os.getpid()) or 0.0}
     pid = run.server.pid
     for member in sorted(process_group_members(pid)) if pid else []:
@@ -113,10 +115,11 @@ async def soak(args: argparse.Namespace) -> dict:
     seen_pids: set[int] = set()
     used_ports: set[int] = set()
     failed_rollouts = 0
+    rng = random.Random(args.seed)
     started = time.monotonic()
     async with backend:
         await model.register(backend)
-        run = backend._runs[model.name]
+        run = backend.model_run(model)
         next_kill = started + args.kill_every * 60 if args.kill_every else float("inf")
         step = 0
         while time.monotonic() - started < args.minutes * 60:
@@ -155,6 +158,8 @@ async def soak(args: argparse.Namespace) -> dict:
                 )
             got = sum(len(g.trajectories) for g in groups)
             failed_rollouts += args.prompts * args.group_size - got
+            for t in (t for g in groups for t in g.trajectories):  # the task saturates; noise keeps every step training
+                t.reward += rng.uniform(0, args.reward_noise)
             result = await backend.train(model, groups, learning_rate=args.learning_rate)
             rewards = [t.reward for g in groups for t in g.trajectories]
             row = {
@@ -166,7 +171,8 @@ async def soak(args: argparse.Namespace) -> dict:
                 "train_s": result.metrics["time/train_s"],
                 "sync_s": result.metrics["time/sync_s"],
                 "server_restarts": result.metrics["server/restarts"],
-                "rss_mb": sample(backend, model.name, seen_pids),
+                "trained_trajectories": result.metrics.get("data/trajectories_used", 0.0),
+                "rss_mb": sample(backend, model, seen_pids),
             }
             steps.append(row)
             rss = ", ".join(f"{k} {v:.0f}" for k, v in row["rss_mb"].items())
@@ -193,6 +199,7 @@ async def soak(args: argparse.Namespace) -> dict:
         "kills": kills,
         "failed_rollouts": failed_rollouts,
         "rollouts": sum(s["rollouts"] for s in steps),
+        "steps_that_trained": sum(s["trained_trajectories"] > 0 for s in steps),
         "leaked_pids": leaked_pids,
         "leaked_ports": leaked_ports,
         "leaked_temp_entries": leaked_temps,
@@ -258,6 +265,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=5e-5)
     p.add_argument("--sync", default="lora")
+    p.add_argument("--reward-noise", type=float, default=0.2, help="uniform noise added to rewards: every step trains")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--summarize", type=Path, default=None, help="recompute the summary and plot of a saved run")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import art
 
 from art_sglang import SGLangBackend, SGLangConfig, TrainerConfig
-from art_sglang.tasks import one_word_rollout
+from art_sglang.tasks import ONE_WORD_QUESTIONS, one_word_rollout
+from art_sglang.trainer.data import prepare
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -28,3 +29,20 @@ async def gather(model, questions, group_size=4, **kwargs):
         [art.TrajectoryGroup(rollout(model, q, **kwargs) for _ in range(group_size)) for q in questions],
         pbar_desc=None,
     )
+
+
+async def served_gap(backend, model, questions: int = 4) -> tuple[float, float]:
+    """Mean and max |engine - trainer| logprob over fresh samples: ~0 only when the server serves exactly the
+    policy the trainer holds (what proves a sync, rather than a version label)."""
+    run = backend.model_run(model)
+    trajectories = [await rollout(model, q, max_tokens=12) for q in ONE_WORD_QUESTIONS[:questions]]
+    for i, trajectory in enumerate(trajectories):
+        trajectory.reward = float(i)  # distinct: every sample is a training sequence
+    sequences = prepare([art.TrajectoryGroup(trajectories)], run.template).sequences
+    trainer = await run.trainer.logprobs(sequences)
+    gaps = [
+        abs(engine - ours)
+        for s, lps in zip(sequences, trainer, strict=True)
+        for engine, ours in zip([lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m], lps, strict=True)
+    ]
+    return sum(gaps) / len(gaps), max(gaps)

@@ -7,7 +7,7 @@ import asyncio
 import art
 import openai
 import pytest
-from rollouts import BASE, gather, make_backend, rollout
+from rollouts import BASE, gather, make_backend, rollout, served_gap
 
 from art_sglang.tasks import ONE_WORD_QUESTIONS
 from art_sglang.trainer.data import prepare
@@ -32,6 +32,7 @@ async def trained(art_path):
     backend = make_backend(art_path)
     await model.register(backend)
     record = {"model": model, "backend": backend, "rewards": [], "results": [], "groups": [], "checks": []}
+    record["served_gaps"] = []
     assert model.get_inference_name() == "oneword@0"
     questions = ONE_WORD_QUESTIONS[:4]
     for step in range(STEPS):
@@ -39,8 +40,8 @@ async def trained(art_path):
         record["groups"].append(groups)
         record["rewards"].append(mean_reward(groups))
         if step == STEPS - 1:  # engine logprobs against the trainer's, before this step changes the policy
-            run = backend._runs[model.name]
-            seqs = prepare(groups, run.tokenizer).sequences
+            run = backend.model_run(model)
+            seqs = prepare(groups, run.template).sequences
             trainer_lps = await run.trainer.logprobs(seqs)
             diffs = [
                 abs(a - b)
@@ -50,9 +51,10 @@ async def trained(art_path):
             record["logprob_gap"] = sum(diffs) / len(diffs)
         result = await backend.train(model, groups, learning_rate=2e-4)
         record["results"].append(result)
+        record["served_gaps"].append(await served_gap(backend, model, questions=2))
         # The first prefill under the new policy of a prompt cached under the old one.
         after = await rollout(model, questions[0])
-        run = backend._runs[model.name]
+        run = backend.model_run(model)
         await run.sync.close()  # wait for the previous adapter's unload
         record["checks"].append(
             {
@@ -96,6 +98,8 @@ async def test_group_samples_reuse_the_prompt_prefix(trained):
 
 async def test_engine_logprobs_match_the_trainer(trained):
     assert trained["logprob_gap"] < 1e-3
+    # After every lora sync, fresh samples are scored by the server exactly as the trainer scores them.
+    assert all(mean < 1e-3 and worst < 1e-2 for mean, worst in trained["served_gaps"]), trained["served_gaps"]
 
 
 async def test_step_metrics(trained):
@@ -114,7 +118,7 @@ async def test_step_metrics(trained):
         "data/trajectories_used",
     ):
         assert key in m, key
-    assert m["rollout/requests"] == 16 + 1  # a step's 4 x 4 rollouts and the check request
+    assert m["rollout/requests"] == 16 + 1 + 2  # a step's 4 x 4 rollouts, the check request, served_gap's 2
     assert m["rollout/cache_hit_ratio"] > 0.5
     assert m["engine_trainer_logprob_gap"] < 1e-3
 
@@ -187,20 +191,35 @@ async def test_merged_weight_sync_methods(method, tmp_path):
             # The prompt was cached under the old weights (39 of 40 tokens); none of that may be reused. Requests
             # sent meanwhile under the new weights share only the chat template's system turn with it.
             assert after.metrics["cached_tokens"] < 0.7 * after.metrics["prompt_tokens"], after.metrics
+            mean, worst = await served_gap(backend, model)  # the served policy is the trainer's, not just its label
+            assert mean < 1e-3 and worst < 1e-2, (method, step, mean, worst)
         assert result.metrics[f"sync/{'update' if method == 'disk' else 'restart'}_seconds"] > 0
 
 
-async def test_shared_mode_time_shares_with_the_stop_start_fallback(tmp_path):
+async def test_shared_mode_time_shares_with_the_stop_start_fallback(tmp_path, monkeypatch):
     """Shared mode's flow on this CPU: release is unavailable here, so the server stops while the trainer works
     and starts again on the new policy. (On a GPU the same flow uses release/resume_memory_occupation.)"""
+    from art_sglang import SGLangServer
     from art_sglang.config import Placement
+    from art_sglang.trainer.worker import TrainerGroup
 
+    order: list[str] = []
+    for cls, name in ((SGLangServer, "start"), (TrainerGroup, "offload")):
+        original = getattr(cls, name)
+
+        async def recorded(self, *args, _original=original, _what=f"{cls.__name__}.{name}", **kwargs):
+            order.append(_what)
+            return await _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, recorded)
     model = art.TrainableModel(name="shared", project="tests", base_model=BASE)
     backend = make_backend(tmp_path)
     backend.placement = Placement("shared", None, [], "forced for this test")
     async with backend:
         await model.register(backend)
-        run = backend._runs[model.name]
+        # The server starts only once the trainer has moved to CPU memory: it sizes its KV pool from what is free.
+        assert order == ["TrainerGroup.offload", "SGLangServer.start"]
+        run = backend.model_run(model)
         assert run.timeshare is not None and run.timeshare.use_release is False
         groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)
         first_pid = run.server.pid
@@ -209,3 +228,5 @@ async def test_shared_mode_time_shares_with_the_stop_start_fallback(tmp_path):
         assert result.step == 1 and run.server.pid != first_pid and run.server.running
         after = await rollout(model, ONE_WORD_QUESTIONS[0])
         assert after.metadata["weight_version"] == "1"
+        mean, worst = await served_gap(backend, model)  # the restarted server serves the trainer's step 1
+        assert mean < 1e-3 and worst < 1e-2, (mean, worst)

@@ -44,9 +44,11 @@ def test_defaults_match_the_design_tables():
         ({"lora_target_modules": []}, "lora_target_modules", "non-empty"),
         ({"max_lora_rank": 0}, "max_lora_rank", ">= 1"),
         ({"cpu_threads": 0}, "cpu_threads", ">= 1"),
-        ({"weight_sync_method": "tensor", "tensor_parallel_size": 2}, "weight_sync_method", "#3726"),
+        ({"weight_sync_method": "tensor"}, "weight_sync_method", "not implemented; 'lora' (the default)"),
         ({"data_parallel_size": 2, "weight_sync_method": "disk"}, "data_parallel_size", "#4283"),
-        ({"data_parallel_size": 2, "weight_sync_method": "tensor"}, "data_parallel_size", "#4283"),
+        ({"chat_template": "/no/such/template.jinja"}, "chat_template", "Jinja chat template file"),
+        ({"tool_call_parser": ""}, "tool_call_parser", "an SGLang name"),
+        ({"host": "0.0.0.0"}, "host", "no authentication of its own"),
     ],
 )
 def test_invalid_sglang_config_names_field_value_and_allowed(kwargs, field, hint):
@@ -76,7 +78,9 @@ def test_invalid_device_config(kwargs, field, hint):
 
 
 def test_valid_combinations_are_accepted():
-    SGLangConfig(weight_sync_method="tensor", tensor_parallel_size=1)
+    SGLangConfig(weight_sync_method="restart", tensor_parallel_size=2)
+    SGLangConfig(tool_call_parser=None, reasoning_parser="qwen3", grammar_backend="xgrammar")
+    SGLangConfig(host="0.0.0.0", api_key="secret")
     SGLangConfig(data_parallel_size=2, weight_sync_method="lora")
     SGLangConfig(mem_fraction_static=1.0, port=8000, context_length=4096)
     DeviceConfig(inference_device=2, training_devices=[2])  # shared mode on GPU 2

@@ -78,3 +78,21 @@ async def test_requests_wait_at_a_closed_gate_and_go_when_it_opens(gateway):
         r = await pending
     assert r.status_code == 200
     assert gateway.take_counters()[1]["requests"] == 1  # counted under the policy that served it
+
+
+async def test_sglangs_own_request_fields_are_dropped(gateway):
+    body = {
+        **CHAT,
+        "model": "policy",
+        "input_ids": [1, 2, 3],  # would replace the conversation
+        "lora_path": "someone-elses-adapter",  # would pick another adapter
+        "rid": "fixed-id",  # would collide between clients
+        "custom_logit_processor": "serialized code",
+    }
+    async with httpx.AsyncClient(
+        base_url=gateway.base_url, timeout=120, headers={"Authorization": "Bearer secret"}
+    ) as c:
+        r = await c.post("/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert len(data["prompt_token_ids"]) > 3 and data["choices"][0]["token_ids"]

@@ -15,13 +15,13 @@ import time
 from collections import Counter
 
 import art
+import openai
 import pytest
 from rollouts import BASE, gather, make_backend, rollout
 
-from art_sglang import paths
+from art_sglang import TrainerCrashedError, paths
 from art_sglang.errors import ArtSGLangError
 from art_sglang.tasks import ONE_WORD_QUESTIONS
-from art_sglang.trainer.worker import TrainerCrashedError
 
 # 16 prompts x 4 samples: GRPO-shaped load. ignore_eos keeps each request running for its whole length.
 LOAD_PROMPTS = [f"{q} (variant {i})" for i in range(2) for q in ONE_WORD_QUESTIONS]
@@ -58,7 +58,7 @@ async def live(art_path):
     backend = make_backend(art_path)
     await model.register(backend)
     groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)  # a small batch to train on
-    yield {"model": model, "backend": backend, "groups": groups, "run": backend._runs[model.name]}
+    yield {"model": model, "backend": backend, "groups": groups, "run": backend.model_run(model)}
     await backend.close()
 
 
@@ -66,13 +66,13 @@ async def test_five_syncs_while_64_requests_are_in_flight(live, caplog):
     model, backend, run = live["model"], live["backend"], live["run"]
     pid, crashes = run.server.pid, run.restarts
     at_sync: list[int] = []
-    apply = run.sync.apply
+    publish = run.sync.publish
 
-    async def counting_apply(step, checkpoint):
+    async def counting_publish(step, checkpoint):
         at_sync.append(in_flight(run))
-        return await apply(step, checkpoint)
+        return await publish(step, checkpoint)
 
-    run.sync.apply = counting_apply
+    run.sync.publish = counting_publish
     caplog.set_level(logging.WARNING)
     try:
         for _ in range(5):
@@ -92,7 +92,7 @@ async def test_five_syncs_while_64_requests_are_in_flight(live, caplog):
             assert set(versions) <= {str(before), str(result.step)}, versions
             assert versions[str(before)] > 0, versions
     finally:
-        run.sync.apply = apply
+        run.sync.publish = publish
     assert at_sync == [64] * 5  # every sync happened with all 64 requests in flight
     assert run.server.pid == pid and run.restarts == crashes  # no server crash
     assert "unloading anyway" not in caplog.text  # no adapter was unloaded under a running request
@@ -118,6 +118,26 @@ async def test_server_killed_mid_rollout_loses_nothing(live):
     assert saved_trajectories(run, result.step) == 32
 
 
+async def test_a_stream_cut_off_by_a_crash_ends_with_an_error_not_a_clean_end(live):
+    model, run = live["model"], live["run"]
+    restarts = run.restarts
+    stream = await model.openai_client().chat.completions.create(
+        model=model.get_inference_name(),
+        messages=[{"role": "user", "content": "Count slowly."}],
+        max_tokens=64,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = 0
+    with pytest.raises(openai.APIError, match="failed mid-stream"):
+        async for _ in stream:
+            chunks += 1
+            if chunks == 3:
+                os.killpg(run.server.pid, signal.SIGKILL)
+    assert chunks < 64  # cut off, and the client knows: a partial reply is never taken for a complete one
+    await wait_until(lambda: run.restarts == restarts + 1 and run.gateway.gate_open, timeout=300, what="restart")
+
+
 async def kill_trainer_mid_step(backend, model, run, groups) -> float:
     """Start a step, SIGKILL the trainer worker while it trains; return seconds from the kill to the error."""
     step = run.step
@@ -126,7 +146,8 @@ async def kill_trainer_mid_step(backend, model, run, groups) -> float:
     await asyncio.sleep(0.3)
     os.killpg(run.trainer.pids[0], signal.SIGKILL)
     killed = time.monotonic()
-    with pytest.raises(TrainerCrashedError, match=rf"step {step + 1} failed in the trainer; the policy stays at step"):
+    expected = rf"step {step + 1} failed in the trainer stage; the policy stays at step {step}"
+    with pytest.raises(TrainerCrashedError, match=expected):
         await asyncio.wait_for(task, timeout=60)
     return time.monotonic() - killed
 

@@ -161,10 +161,10 @@ async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, 
         assert server.crash_reason() is None
         children = process_group_members(pgid) - {pgid}
         assert children, "SGLang runs its scheduler in child processes"
-        crashes: list[str] = []
+        crashes: list[tuple[int, str]] = []
 
-        async def on_crash(reason: str) -> None:
-            crashes.append(reason)
+        async def on_crash(pid: int, reason: str) -> None:
+            crashes.append((pid, reason))
 
         watcher = asyncio.create_task(server.watch(on_crash, interval=0.2))
         first_scratch, first_shm = server._scratch, server._shm_files
@@ -172,11 +172,17 @@ async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, 
         assert first_shm and all(f.exists() for f in first_shm), "its /dev/shm files are known"
         os.kill(max(children), signal.SIGKILL)
         await asyncio.wait_for(watcher, timeout=30)
-        assert crashes and ("died" in crashes[0] or "exited" in crashes[0])
+        assert crashes and crashes[0][0] == pgid and ("died" in crashes[0][1] or "exited" in crashes[0][1])
 
         port = server.port
         await server.restart()
         assert server.port == port and server.restarts == 1
+        # A planned stop is never a crash: a watch under way returns without calling on_crash.
+        watcher = asyncio.create_task(server.watch(on_crash, interval=0.01))
+        await asyncio.sleep(0.1)
+        await server.restart()
+        await asyncio.wait_for(watcher, timeout=30)
+        assert len(crashes) == 1 and server.restarts == 2
         async with SGLangClient(server.base_url) as c:
             assert await c.health()
         pgid, scratch = server.pid, server._scratch

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from trajectories import answer_ids, choice
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from art_sglang.trainer.core import StepOptions, TrainerSettings
+from art_sglang.chat import ChatTemplate
+from art_sglang.trainer.core import StepOptions, TrainerSettings, replace_dir, restore_replaced
 from art_sglang.trainer.data import prepare
 from art_sglang.trainer.loss import LossConfig
 from art_sglang.trainer.sequence import Sequence
@@ -87,7 +88,7 @@ def mean_logprob(logprobs: list[list[float]], seqs: list[Sequence], rewarded: bo
 
 
 async def test_steps_raise_the_probability_of_rewarded_completions(tok, model_path, tmp_path):
-    seqs = prepare(yes_no_groups(tok), tok, allow_training_without_logprobs=True).sequences
+    seqs = prepare(yes_no_groups(tok), ChatTemplate(tok), allow_training_without_logprobs=True).sequences
     settings = TrainerSettings(str(model_path), lora_rank=8, lora_alpha=16, threads=1)
     group = TrainerGroup(settings, devices=[], log_dir=tmp_path)
     await group.start()
@@ -109,7 +110,7 @@ async def test_steps_raise_the_probability_of_rewarded_completions(tok, model_pa
 
 
 async def test_checkpoint_is_plain_peft_atomic_and_resumable(tok, model_path, tmp_path):
-    seqs = prepare(yes_no_groups(tok, 1), tok, allow_training_without_logprobs=True).sequences
+    seqs = prepare(yes_no_groups(tok, 1), ChatTemplate(tok), allow_training_without_logprobs=True).sequences
     settings = TrainerSettings(str(model_path), peft_args={"r": 4, "lora_alpha": 8}, threads=1)
     group = TrainerGroup(settings, devices=[], log_dir=tmp_path / "logs")
     await group.start()
@@ -162,7 +163,7 @@ async def test_checkpoint_is_plain_peft_atomic_and_resumable(tok, model_path, tm
 
 
 async def test_two_gloo_workers_equal_one_process(tok, tiny_model, tmp_path):
-    seqs = prepare(yes_no_groups(tok, 2, 4), tok, allow_training_without_logprobs=True).sequences
+    seqs = prepare(yes_no_groups(tok, 2, 4), ChatTemplate(tok), allow_training_without_logprobs=True).sequences
     options = StepOptions(learning_rate=1e-2, loss=LossConfig(loss_fn="ppo"))
     adapters = []
     for workers in (1, 2):
@@ -191,7 +192,7 @@ async def test_a_dead_worker_raises_clearly_instead_of_hanging(tok, tiny_model, 
     await group.start()
     pid = group.pids[0]
     os.kill(pid, signal.SIGKILL)
-    seqs = prepare(yes_no_groups(tok, 1), tok, allow_training_without_logprobs=True).sequences
+    seqs = prepare(yes_no_groups(tok, 1), ChatTemplate(tok), allow_training_without_logprobs=True).sequences
     with pytest.raises(TrainerCrashedError, match=rf"rank 0 \(pid {pid}\) exited with code -9 during 'train'"):
         await group.train(seqs, StepOptions())
     with pytest.raises(TrainerCrashedError, match="not running"):
@@ -270,3 +271,22 @@ def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_whole(tiny_mode
         trainer.save_checkpoint(tmp_path / "checkpoints" / "0002", step=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0001"]  # no partial directory
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+
+
+def test_a_resave_keeps_one_complete_copy_at_every_moment(tmp_path):
+    target = tmp_path / "0003"
+    target.mkdir()
+    (target / "adapter").write_text("old")
+    new = tmp_path / ".0003.tmp-x"
+    new.mkdir()
+    (new / "adapter").write_text("new")
+    replace_dir(new, target)
+    assert (target / "adapter").read_text() == "new" and not list(tmp_path.glob(".*"))
+    # A crash after the old copy went aside and before the new one arrived: start-up puts the old one back, and
+    # drops a partial write.
+    aside = tmp_path / ".0003.old-y"
+    aside.mkdir()
+    os.rename(target, aside / "0003")
+    (tmp_path / ".0004.tmp-z").mkdir()
+    restore_replaced(tmp_path)
+    assert (target / "adapter").read_text() == "new" and not list(tmp_path.glob(".*"))

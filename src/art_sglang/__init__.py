@@ -7,10 +7,13 @@ from .errors import (
     ConfigError,
     ModelNotFoundError,
     PortInUseError,
-    ServerCrashedError,
     ServerNotInstalledError,
     ServerStartError,
+    ServerUnreachableError,
     SGLangAPIError,
+    StepFailedError,
+    TrainerCrashedError,
+    TrajectoryError,
 )
 from .server import SGLangClient, SGLangServer
 
@@ -26,10 +29,13 @@ __all__ = [
     "SGLangBackend",
     "SGLangConfig",
     "SGLangServer",
-    "ServerCrashedError",
+    "ServerUnreachableError",
     "ServerNotInstalledError",
     "ServerStartError",
+    "StepFailedError",
     "TrainerConfig",
+    "TrainerCrashedError",
+    "TrajectoryError",
 ]
 __version__ = "0.1.0"
 

@@ -14,8 +14,6 @@ import os
 import secrets
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +21,17 @@ import art
 from art import LocalTrainResult
 
 from . import paths
+from .chat import ChatTemplate, tool_call_parser_for
 from .config import DeviceConfig, Placement, SGLangConfig, TrainerConfig, gpu_count, place
 from .errors import ArtSGLangError, ConfigError, ModelNotFoundError
 from .gateway import Gateway
 from .models import SMOLLM2, check_model_dir, small_model
 from .server import SGLangClient, SGLangServer
-from .sync import METHODS, GpuTimeShare, SyncContext, WeightSync
-from .trainer.core import StepOptions, TrainerSettings
-from .trainer.data import prepare
+from .step import ModelRun, republish_current, train_step, write_atomic
+from .sync import METHODS, GpuTimeShare, SyncContext
+from .trainer.core import StepOptions, TrainerSettings, restore_replaced
 from .trainer.loss import LossConfig
-from .trainer.worker import TrainerCrashedError, TrainerGroup
+from .trainer.worker import TrainerGroup
 
 log = logging.getLogger("art_sglang")
 
@@ -90,28 +89,6 @@ def resolve_base_model(name: str) -> Path:
     )
 
 
-@dataclass
-class _Run:
-    """Everything started for one model."""
-
-    model: art.TrainableModel
-    model_dir: Path
-    base: Path
-    tokenizer: Any
-    trainer: TrainerGroup
-    server: SGLangServer
-    client: SGLangClient
-    gateway: Gateway
-    sync: WeightSync
-    timeshare: GpuTimeShare | None
-    step: int
-    merged_root: Path
-    restarts: int = 0  # of the server, after crashes
-    trainer_restarts: int = 0
-    watcher: asyncio.Task[None] | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
 class SGLangBackend:
     """ART backend serving with SGLang and training a LoRA adapter.
 
@@ -147,7 +124,7 @@ class SGLangBackend:
         self._path = str(path)
         self.api_key = api_key
         self.gateway_port = gateway_port
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, ModelRun] = {}
         self._starting: dict[str, asyncio.Lock] = {}
 
     async def __aenter__(self) -> SGLangBackend:
@@ -162,7 +139,7 @@ class SGLangBackend:
         model_dir = paths.model_dir(model.project, model.name, self._path)
         model_dir.mkdir(parents=True, exist_ok=True)
         dump = model.safe_model_dump() if hasattr(model, "safe_model_dump") else model.model_dump()
-        _write_atomic(model_dir / "model.json", json.dumps(dump, default=str))
+        write_atomic(model_dir / "model.json", json.dumps(dump, default=str))
 
     def _model_inference_name(self, model: art.Model, step: int | None = None) -> str:
         if step is None:
@@ -191,71 +168,21 @@ class SGLangBackend:
         raise NotImplementedError("SGLangBackend does not implement supervised fine-tuning (train_sft) yet.")
 
     async def train(self, model: art.TrainableModel, trajectory_groups: Any, **kwargs: Any) -> LocalTrainResult:
-        """One RL step: validate and tokenize, train, checkpoint, and put the new policy on the server."""
+        """One RL step: save the trajectories, validate and tokenize, train, checkpoint, and put the new policy on
+        the server. All or nothing: on failure the model stays at its last step (see step.py). Calls for one
+        model run one after another."""
         options, prep_kwargs, save_checkpoint = self._train_options(kwargs)
         run = await self._ensure_run(model)
         groups = list(trajectory_groups)
         async with run.lock:
-            started = time.monotonic()
-            next_step = run.step + 1
-            inputs = paths.train_inputs(run.model_dir, next_step)
-            _write_atomic(inputs, "\n".join(g.model_dump_json() for g in groups))  # nothing is lost if training fails
-            prepared = await asyncio.to_thread(prepare, groups, run.tokenizer, **prep_kwargs)
-            rollout = _rollout_metrics(run.gateway.take_counters())
-            if not run.trainer.running:  # it crashed in an earlier step: start again from the last checkpoint
-                await self._restart_trainer(run)
-            if run.timeshare is not None:
-                await run.timeshare.before_train()
-            t0 = time.monotonic()
-            try:
-                if prepared.sequences:
-                    train_metrics = await run.trainer.train(prepared.sequences, options)
-                else:
-                    log.warning(
-                        "step %d: no trainable data (all groups had equal rewards); the policy is unchanged", next_step
-                    )
-                    train_metrics = {}
-                checkpoint_dir = paths.checkpoint_dir(run.model_dir, next_step)
-                checkpoint = await run.trainer.save_checkpoint(checkpoint_dir, next_step)
-            except TrainerCrashedError as e:
-                raise TrainerCrashedError(
-                    f"step {next_step} failed in the trainer; the policy stays at step {run.step} and no checkpoint "
-                    f"was written for step {next_step}. Its trajectories are saved in {inputs}. The next train() call "
-                    f"restarts the trainer from checkpoint {run.step} (so does a new backend).\n{e}"
-                ) from None
-            train_seconds = time.monotonic() - t0
-            restarted = False
-            if run.timeshare is not None:
-                await run.timeshare.after_train()
-                restarted = not run.timeshare.use_release
-            t1 = time.monotonic()
-            if restarted:
-                await run.sync.restore(next_step, checkpoint)
-                sync_metrics = {"sync_seconds": time.monotonic() - t1}
-            else:
-                sync_metrics = await run.sync.apply(next_step, checkpoint)
-            if run.timeshare is not None:
-                run.gateway.open_gate()
-            previous, run.step = run.step, next_step
-            if not save_checkpoint and previous > 0:
-                shutil.rmtree(paths.checkpoint_dir(run.model_dir, previous), ignore_errors=True)
-        metrics: dict[str, float] = {**train_metrics, **rollout}
-        metrics.update({f"data/{k}": float(v) for k, v in prepared.counts.items()})
-        metrics.update({f"sync/{k}": float(v) for k, v in sync_metrics.items()})
-        metrics["time/train_s"] = train_seconds
-        metrics["time/sync_s"] = sync_metrics["sync_seconds"]
-        metrics["time/step_s"] = time.monotonic() - started
-        metrics["server/restarts"] = float(run.restarts)
-        metrics["trainer/restarts"] = float(run.trainer_restarts)
-        log.info(
-            "step %d: %s sync in %.3f s, train %.1f s, %d tokens",
-            next_step,
-            run.sync.method,
-            sync_metrics["sync_seconds"],
-            train_seconds,
-            int(train_metrics.get("tokens", 0)),
-        )
-        return LocalTrainResult(step=next_step, metrics=metrics, checkpoint_path=str(checkpoint))
+            return await train_step(run, groups, options, prep_kwargs, save_checkpoint)
+
+    def model_run(self, model: art.Model) -> ModelRun:
+        """What was started for a registered model (its server, gateway, trainer, sync) and its current step."""
+        run = self._runs.get(model.name)
+        if run is None:
+            raise ArtSGLangError(f"model {model.name!r} is not registered with this backend: await model.register()")
+        return run
 
     async def close(self) -> None:
         """Stop everything this backend started: servers, gateways, trainer workers."""
@@ -310,7 +237,7 @@ class SGLangBackend:
         }
         return StepOptions(float(lr), loss), prep, bool(kwargs.get("save_checkpoint", True))
 
-    async def _ensure_run(self, model: art.TrainableModel) -> _Run:
+    async def _ensure_run(self, model: art.TrainableModel) -> ModelRun:
         if model.name in self._runs:
             return self._runs[model.name]
         if not getattr(model, "trainable", False):
@@ -325,31 +252,22 @@ class SGLangBackend:
                 self._runs[model.name] = await self._start(model)
         return self._runs[model.name]
 
-    async def _start(self, model: art.TrainableModel) -> _Run:
-        from transformers import AutoTokenizer
-
+    async def _start(self, model: art.TrainableModel) -> ModelRun:
         p, cfg, tc = self.placement, self.sglang_config, self.trainer_config
         model_dir = paths.model_dir(model.project, model.name, self._path)
         model_dir.mkdir(parents=True, exist_ok=True)
         base = resolve_base_model(model.base_model)
-        for partial in (model_dir / "checkpoints").glob(".*.tmp-*"):  # a save cut off by a crash
-            shutil.rmtree(partial, ignore_errors=True)
+        if (model_dir / "checkpoints").is_dir():
+            restore_replaced(model_dir / "checkpoints")  # a save cut off by a crash
         step = _latest_step(model_dir)
         if step is not None:
             _check_checkpoint(paths.checkpoint_dir(model_dir, step))
+        template = ChatTemplate.load(base, cfg.chat_template)
+        parser = tool_call_parser_for(template.source) if cfg.tool_call_parser == "auto" else cfg.tool_call_parser
         peft_args = dict((getattr(model, "_internal_config", None) or {}).get("peft_args") or {})
         rank = int(peft_args.get("r", tc.lora_rank))
-        settings = TrainerSettings(
-            str(base),
-            lora_rank=tc.lora_rank,
-            lora_alpha=tc.lora_alpha,
-            target_modules=list(tc.target_modules),
-            peft_args=peft_args,
-            dtype=tc.dtype,
-            max_grad_norm=tc.max_grad_norm,
-            micro_batch_tokens=tc.micro_batch_tokens,
-            seed=tc.seed,
-            threads=tc.cpu_threads if p.mode == "cpu" else None,
+        settings = TrainerSettings.from_config(
+            str(base), tc, peft_args=peft_args, threads=tc.cpu_threads if p.mode == "cpu" else None
         )
         trainer = TrainerGroup(
             settings, devices=p.training_devices, log_dir=model_dir / "logs", cpu_threads=tc.cpu_threads
@@ -367,28 +285,39 @@ class SGLangBackend:
             served_model_name=model.name,
             memory_saver=memory_saver,
             weight_version=str(step or 0),
+            tool_call_parser=parser,
         )
-        log.info("art-sglang: mode %s (%s); weight sync %s", p.mode, p.reason, cfg.weight_sync_method)
-        # Trainer and server start side by side: both are mostly imports and loading.
-        results = await asyncio.gather(trainer.start(), server.start(), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            await trainer.shutdown()
-            server.stop()
-            raise errors[0]
+        log.info(
+            "art-sglang: mode %s (%s); weight sync %s; tool-call parser %s",
+            p.mode,
+            p.reason,
+            cfg.weight_sync_method,
+            parser,
+        )
+        gateway = client = None
         try:
-            if step is None:
-                step = 0
-                await trainer.save_checkpoint(paths.checkpoint_dir(model_dir, 0), 0)  # step 0: the untrained adapter
-            else:
-                await trainer.load_checkpoint(paths.checkpoint_dir(model_dir, step))
-            client = SGLangClient(server.base_url)
+            if p.mode == "shared":
+                # One GPU: the trainer loads, then moves to CPU memory, and only then does the server start, so
+                # that it sizes its KV pool from the memory the trainer left.
+                await trainer.start()
+                step = await self._first_checkpoint(trainer, model_dir, step)
+                await trainer.offload()
+                await server.start()
+            else:  # side by side: both are mostly imports and loading
+                results = await asyncio.gather(trainer.start(), server.start(), return_exceptions=True)
+                if errors := [r for r in results if isinstance(r, BaseException)]:
+                    raise errors[0]
+                step = await self._first_checkpoint(trainer, model_dir, step)
+            client = SGLangClient(server.base_url, api_key=cfg.api_key)
             gateway = Gateway(
                 server.base_url,
                 model.name,
+                template=ChatTemplate.load(base, cfg.chat_template),
                 port=self.gateway_port,
                 api_key=self.api_key,
+                upstream_api_key=cfg.api_key,
                 hold_timeout=max(600.0, cfg.server_timeout * 2),
+                server_log=str(server.log_path),
             )
             gateway.start()
             merged_root = _merged_root(model)
@@ -397,48 +326,44 @@ class SGLangBackend:
             if method == "lora" and not (await client.server_info()).get("enable_lora"):
                 log.warning("art-sglang: this server cannot serve LoRA adapters; weight sync falls back to 'disk'")
                 method = "disk"
-            if method == "tensor":
-                log.warning("art-sglang: weight_sync_method='tensor' is not implemented yet; using 'disk'")
-                method = "disk"
             sync = METHODS[method](ctx)
             timeshare = None
             if p.mode == "shared":
-                timeshare = GpuTimeShare(server, client, gateway, trainer)
+                timeshare = GpuTimeShare(server, client, trainer)
                 log.info("art-sglang: shared mode: %s", await timeshare.check())
-                await trainer.offload()
-            await sync.restore(step, paths.checkpoint_dir(model_dir, step))
+            await sync.publish(step, paths.checkpoint_dir(model_dir, step))
         except BaseException:
             await trainer.shutdown()
             server.stop()
+            if gateway is not None:
+                gateway.stop()
+            if client is not None:
+                await client.aclose()
             raise
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        run = _Run(
-            model, model_dir, base, tokenizer, trainer, server, client, gateway, sync, timeshare, step, merged_root
+        run = ModelRun(
+            model, model_dir, base, template, trainer, server, client, gateway, sync, timeshare, step, merged_root
         )
         run.watcher = asyncio.create_task(self._watch(run))
         return run
 
-    async def _restart_trainer(self, run: _Run) -> None:
-        log.warning("art-sglang: restarting the trainer workers from checkpoint %d", run.step)
-        await run.trainer.start()
-        await run.trainer.load_checkpoint(paths.checkpoint_dir(run.model_dir, run.step))
-        if run.timeshare is not None:
-            await run.trainer.offload()  # as after start-up: the server holds the GPU between steps
-        run.trainer_restarts += 1
+    @staticmethod
+    async def _first_checkpoint(trainer: TrainerGroup, model_dir: Path, step: int | None) -> int:
+        """Resume from the latest checkpoint, or save step 0 (the untrained adapter)."""
+        if step is None:
+            await trainer.save_checkpoint(paths.checkpoint_dir(model_dir, 0), 0)
+            return 0
+        await trainer.load_checkpoint(paths.checkpoint_dir(model_dir, step))
+        return step
 
-    async def _watch(self, run: _Run) -> None:
+    async def _watch(self, run: ModelRun) -> None:
         """Restart a crashed server on the newest policy; the gateway holds and resends meanwhile."""
 
-        async def on_crash(reason: str) -> None:
+        async def on_crash(pid: int, reason: str) -> None:
             async with run.lock:
+                if run.server.pid != pid and run.server.crash_reason() is None:
+                    return  # a failed step's recovery restarted it already
                 log.error("art-sglang: the SGLang server crashed (%s); restarting it on step %d", reason, run.step)
-                run.gateway.close_gate()
-                try:
-                    await run.server.restart()
-                    await run.sync.restore(run.step, paths.checkpoint_dir(run.model_dir, run.step))
-                    run.restarts += 1
-                finally:
-                    run.gateway.open_gate()
+                await republish_current(run)
 
         while True:  # until close() cancels it; a restart by a sync ends one watch, the next one starts
             await run.server.watch(on_crash)
@@ -479,40 +404,6 @@ def _merged_root(model: art.Model) -> Path:
     path = root / f"art-sglang-{model.project}-{model.name}-{secrets.token_hex(4)}"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _rollout_metrics(counters: dict[int, Any]) -> dict[str, float]:
-    """Gateway counters since the last step, over all policy versions (requests of the current one dominate)."""
-    total: dict[str, float] = {
-        "requests": 0,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "cached_tokens": 0,
-        "warmup_requests": 0,
-        "warmup_prompt_tokens": 0,
-        "warmup_cached_tokens": 0,
-    }
-    for c in counters.values():
-        for k in total:
-            total[k] += c.get(k, 0)
-    out = {f"rollout/{k}": float(v) for k, v in total.items()}
-    out["rollout/cache_hit_ratio"] = total["cached_tokens"] / total["prompt_tokens"] if total["prompt_tokens"] else 0.0
-    return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 __all__ = ["SGLangBackend", "resolve_base_model"]

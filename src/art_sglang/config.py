@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import ConfigError
+from .procs import MAX_PORT
 
-SyncMethod = Literal["lora", "disk", "restart", "tensor"]
-SYNC_METHODS: tuple[str, ...] = ("lora", "disk", "restart", "tensor")
+SyncMethod = Literal["lora", "disk", "restart"]
+SYNC_METHODS: tuple[str, ...] = ("lora", "disk", "restart")
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 Mode = Literal["cpu", "shared", "split"]
 # LoRA targets: every linear layer of a Llama/Qwen-style decoder.
 ALL_LINEAR: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -18,8 +20,6 @@ ALL_LINEAR: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_pro
 # Environment variables the package reads.
 ENV_SERVER_TIMEOUT = "ART_SERVER_TIMEOUT"
 ENV_SERVER_PYTHON = "ART_SGLANG_SERVER_PYTHON"
-# SGLang also binds port + 10000 (gRPC) and refuses to start when that exceeds 65535.
-MAX_PORT = 55535
 
 
 def _is_int(value: object) -> bool:
@@ -130,6 +130,11 @@ class SGLangConfig:
     max_total_tokens: int | None = None  # KV pool size; None: 131072 on the CPU, SGLang's choice on a GPU
     cpu_threads: int = 1  # OMP_NUM_THREADS of a CPU server: it shares the cores with the trainer
     enable_memory_saver: bool | None = None  # None: on in shared mode on a GPU
+    chat_template: str | None = None  # a Jinja file for the server, the gateway and the trainer; None: the model's
+    tool_call_parser: str | None = "auto"  # SGLang's --tool-call-parser; "auto": from the chat template; None: off
+    reasoning_parser: str | None = None  # SGLang's --reasoning-parser (e.g. "qwen3"); None: off
+    grammar_backend: str | None = None  # structured output; None: llguidance on the CPU, SGLang's default on a GPU
+    api_key: str | None = None  # SGLang's --api-key; needed when `host` is not loopback
 
     def __post_init__(self) -> None:
         env_timeout = os.environ.get(ENV_SERVER_TIMEOUT)
@@ -144,6 +149,13 @@ class SGLangConfig:
         f = self.mem_fraction_static
         if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f <= 1:
             raise ConfigError("mem_fraction_static", f, "a fraction in (0, 1]")
+        if self.weight_sync_method == "tensor":
+            raise ConfigError(
+                "weight_sync_method",
+                "tensor",
+                "not available: the design's in-memory sync is not implemented; 'lora' (the default) moves only the "
+                "adapter, 'disk' the merged layers through a RAM disk",
+            )
         if self.weight_sync_method not in SYNC_METHODS:
             raise ConfigError("weight_sync_method", self.weight_sync_method, f"one of {', '.join(SYNC_METHODS)}")
         for name in (
@@ -169,22 +181,29 @@ class SGLangConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        if self.host not in LOOPBACK and not self.api_key:
+            raise ConfigError(
+                "host",
+                self.host,
+                "a loopback address unless SGLangConfig(api_key=...) is set: on any other address SGLang's admin API "
+                "(weight updates, adapter loads from any path) is open to the network, and it has no authentication "
+                "of its own",
+            )
         if not isinstance(self.server_args, list) or not all(isinstance(a, str) for a in self.server_args):
             raise ConfigError("server_args", self.server_args, "a list of strings, e.g. ['--log-level', 'info']")
+        if self.chat_template is not None and not os.path.isfile(os.path.expanduser(self.chat_template)):
+            raise ConfigError("chat_template", self.chat_template, "None or the path of a Jinja chat template file")
+        for name in ("tool_call_parser", "reasoning_parser", "grammar_backend"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ConfigError(name, v, "None or an SGLang name, e.g. 'qwen25', 'qwen3', 'llguidance'")
         if not isinstance(self.lora_target_modules, list) or not self.lora_target_modules:
             raise ConfigError("lora_target_modules", self.lora_target_modules, "a non-empty list of module names")
-        if self.weight_sync_method == "tensor" and self.tensor_parallel_size > 1:
-            raise ConfigError(
-                "weight_sync_method",
-                "tensor",
-                f"tensor sync fails with tensor_parallel_size={self.tensor_parallel_size} > 1 (SGLang #3726); "
-                "use 'lora' or 'disk'",
-            )
-        if self.data_parallel_size > 1 and self.weight_sync_method in ("disk", "tensor"):
+        if self.data_parallel_size > 1 and self.weight_sync_method == "disk":
             raise ConfigError(
                 "data_parallel_size",
                 self.data_parallel_size,
-                f"weight updates ({self.weight_sync_method!r} sync) need data_parallel_size=1 (SGLang #4283); "
+                "weight updates ('disk' sync) need data_parallel_size=1 (SGLang #4283); "
                 "use tensor_parallel_size instead, or weight_sync_method='lora' or 'restart'",
             )
 

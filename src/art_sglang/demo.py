@@ -149,7 +149,7 @@ async def run(args: argparse.Namespace) -> list[StepRow]:
                 rollout_s=rollout_s,
                 train_s=m.get("time/train_s", 0.0),
                 sync_s=m.get("time/sync_s", 0.0),
-                sync_method=backend._runs[model.name].sync.method,
+                sync_method=backend.model_run(model).sync.method,
                 rollout_tok_s=m.get("rollout/completion_tokens", 0.0) / max(rollout_s, 1e-9),
                 cache_hit=m.get("rollout/cache_hit_ratio", 0.0),
                 logprob_gap=m.get("engine_trainer_logprob_gap", 0.0),

@@ -39,8 +39,8 @@ class ServerStartError(_ServerLogError):
     """The server exited or did not become healthy in time; carries the tail of its log."""
 
 
-class ServerCrashedError(_ServerLogError):
-    """A process of the server's tree died while it should have been serving."""
+class ServerUnreachableError(ArtSGLangError):
+    """The server did not answer an admin call (it crashed, or is restarting)."""
 
 
 class SGLangAPIError(ArtSGLangError):
@@ -59,3 +59,16 @@ class CapabilityError(ArtSGLangError):
 
 class ModelNotFoundError(ArtSGLangError):
     """A model directory is missing or incomplete."""
+
+
+class TrajectoryError(ArtSGLangError, ValueError):
+    """A trajectory cannot be trained on as given; the message names it and the fix."""
+
+
+class TrainerCrashedError(ArtSGLangError):
+    """A trainer worker died or failed; carries the tail of its log."""
+
+
+class StepFailedError(ArtSGLangError):
+    """A training step failed after its trajectories were saved; the policy and the trainer stay at the last
+    published step, and the next train() starts from there."""

@@ -1,12 +1,25 @@
-"""Process-tree helpers shared by the server and the trainer workers (Linux /proc)."""
+"""What the server and the trainer workers share about owning processes (Linux /proc): stopping a process group,
+stopping everything at interpreter exit, free ports."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import logging
 import os
+import random
 import signal
+import socket
+import time
+import weakref
 from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+# SGLang also binds port + 10000 (gRPC) and refuses to start when that exceeds 65535.
+MAX_PORT = 55535
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
@@ -34,9 +47,12 @@ def alive(pid: int) -> bool:
 
 
 def die_with_parent() -> None:
-    """In a child before exec: get SIGTERM if the process that started it dies, even by kill -9."""
+    """In a child before exec: get SIGKILL if the process that started it dies, even by kill -9.
+
+    SIGKILL, not SIGTERM: SGLang's launcher answers SIGTERM with a graceful exit that waits for running requests,
+    which never come back once we are gone; its own children SIGKILL themselves when it dies."""
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def mapped_shm_files(pids: set[int]) -> set[Path]:
@@ -52,3 +68,54 @@ def mapped_shm_files(pids: set[int]) -> set[Path]:
             if len(fields) == 6 and fields[5].startswith("/dev/shm/") and not fields[5].endswith("(deleted)"):
                 found.add(Path(fields[5]))
     return found
+
+
+def stop_group(pgid: int, grace: float, what: str) -> None:
+    """SIGTERM process group `pgid`, SIGKILL it if anything of it is left after `grace` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while process_group_members(pgid):
+        if time.monotonic() > deadline:
+            log.warning("%s did not stop within %.0f s of SIGTERM; sending SIGKILL", what, grace)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free port below MAX_PORT (so a server may also claim port + 10000)."""
+    for _ in range(200):
+        port = random.randrange(20000, MAX_PORT)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found on {host} in 20000..{MAX_PORT}")
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+_owned: weakref.WeakSet[Stoppable] = weakref.WeakSet()
+
+
+def own(thing: Stoppable) -> None:
+    """Stop `thing` at interpreter exit unless it was released before."""
+    _owned.add(thing)
+
+
+def release(thing: Stoppable) -> None:
+    _owned.discard(thing)
+
+
+@atexit.register
+def _stop_owned() -> None:
+    for thing in list(_owned):
+        with contextlib.suppress(Exception):
+            thing.stop()

@@ -1,5 +1,5 @@
-"""Small tasks with a verifiable reward that SmolLM2-135M-Instruct learns with RL in a few steps (measured in
-../shared/notes/learnable-tasks.md): used by the demo and the tests."""
+"""Small tasks with a verifiable reward that SmolLM2-135M-Instruct learns with RL in a few steps (measured on this
+CPU): used by the demo and the tests."""
 
 from __future__ import annotations
 

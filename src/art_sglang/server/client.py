@@ -1,19 +1,17 @@
 """SGLangClient: typed async access to the SGLang endpoints an RL backend uses.
 
-Endpoint semantics: ../shared/notes/sglang-for-rl.md. Errors come back as `SGLangAPIError` with the server's
-own message. Calls that would crash the server are refused here with `CapabilityError`.
+Errors come back as `SGLangAPIError` with the server's own message, or `ServerUnreachableError` when it does not
+answer. Calls that would crash the server are refused here with `CapabilityError`.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
 
-from ..errors import CapabilityError, SGLangAPIError
+from ..errors import CapabilityError, ServerUnreachableError, SGLangAPIError
 
 PauseMode = Literal["abort", "retract", "in_place"]
 
@@ -53,9 +51,10 @@ class GenerateOutput:
 class SGLangClient:
     """Async client for one SGLang server at `base_url` (e.g. `SGLangServer.base_url`)."""
 
-    def __init__(self, base_url: str, *, timeout: float = 600.0) -> None:
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 600.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=headers)
         self._server_info: dict[str, Any] | None = None
 
     async def aclose(self) -> None:
@@ -68,7 +67,13 @@ class SGLangClient:
         await self.aclose()
 
     async def _call(self, method: str, path: str, json: Any = None) -> Any:
-        response = await self._http.request(method, path, json=json)
+        try:
+            response = await self._http.request(method, path, json=json)
+        except httpx.TransportError as e:
+            raise ServerUnreachableError(
+                f"the SGLang server at {self.base_url} did not answer {path} ({type(e).__name__}: {e}); it crashed "
+                "or is restarting (its log says which)"
+            ) from e
         if response.status_code != 200:
             raise SGLangAPIError(path, response.status_code, _message(response))
         if not response.content:
@@ -139,11 +144,6 @@ class SGLangClient:
     async def continue_generation(self) -> None:
         await self._call("POST", "/continue_generation", {})
 
-    async def abort_request(self, rid: str | None = None, *, abort_all: bool = False) -> None:
-        if rid is None and not abort_all:
-            raise ValueError("abort_request() needs rid= or abort_all=True")
-        await self._call("POST", "/abort_request", {"rid": rid or "", "abort_all": abort_all})
-
     # -- weights ----------------------------------------------------------------------------------------
     async def update_weights_from_disk(
         self,
@@ -163,82 +163,6 @@ class SGLangClient:
                 "weight_version": weight_version,
                 "flush_cache": flush_cache,
                 "abort_all_requests": abort_all_requests,
-            },
-        )
-
-    async def update_weights_from_tensor(
-        self,
-        named_tensors: list[tuple[str, Any]],
-        *,
-        weight_version: str | None = None,
-        flush_cache: bool = True,
-        tp_size: int = 1,
-    ) -> dict[str, Any]:
-        """Send tensors by reference (shared memory / CUDA IPC): the server must run on this machine."""
-        import torch.multiprocessing as mp
-        from torch.multiprocessing.reductions import ForkingPickler
-
-        # The default fd-passing strategy makes the scheduler die with AuthenticationError.
-        mp.set_sharing_strategy("file_system")
-        buf = io.BytesIO()
-        ForkingPickler(buf).dump(named_tensors)
-        payload = base64.b64encode(buf.getvalue()).decode()
-        return await self._call(
-            "POST",
-            "/update_weights_from_tensor",
-            {
-                "serialized_named_tensors": [payload] * tp_size,
-                "weight_version": weight_version,
-                "flush_cache": flush_cache,
-            },
-        )
-
-    async def init_weights_update_group(
-        self,
-        *,
-        master_address: str,
-        master_port: int,
-        rank_offset: int,
-        world_size: int,
-        group_name: str = "weight_update_group",
-        backend: str = "nccl",
-    ) -> dict[str, Any]:
-        return await self._call(
-            "POST",
-            "/init_weights_update_group",
-            {
-                "master_address": master_address,
-                "master_port": master_port,
-                "rank_offset": rank_offset,
-                "world_size": world_size,
-                "group_name": group_name,
-                "backend": backend,
-            },
-        )
-
-    async def update_weights_from_distributed(
-        self,
-        *,
-        names: list[str],
-        dtypes: list[str],
-        shapes: list[list[int]],
-        group_name: str = "weight_update_group",
-        weight_version: str | None = None,
-        flush_cache: bool = True,
-    ) -> dict[str, Any]:
-        info = await self._capabilities()
-        if info.get("dp_size", 1) > 1:
-            raise CapabilityError("update_weights_from_distributed needs a server with dp_size=1 (SGLang #4283).")
-        return await self._call(
-            "POST",
-            "/update_weights_from_distributed",
-            {
-                "names": names,
-                "dtypes": dtypes,
-                "shapes": shapes,
-                "group_name": group_name,
-                "weight_version": weight_version,
-                "flush_cache": flush_cache,
             },
         )
 

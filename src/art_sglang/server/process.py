@@ -2,53 +2,34 @@
 
 The server runs from its own venv, in its own process group, bound to loopback. It is stopped by that group
 (SIGTERM, then SIGKILL after a grace period), also at interpreter exit, and never by name. Any process of its
-tree dying is a crash that `check_alive` reports.
+tree dying is a crash that `watch` reports.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import logging
 import os
-import random
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 
-from ..config import MAX_PORT, SGLangConfig
-from ..errors import PortInUseError, ServerCrashedError, ServerStartError
-from ..procs import alive, die_with_parent, mapped_shm_files, process_group_members
+from ..config import SGLangConfig
+from ..errors import PortInUseError, ServerStartError
+from ..procs import alive, die_with_parent, free_port, mapped_shm_files, own, process_group_members, release, stop_group
 from .venv import find_server_python
 
 log = logging.getLogger(__name__)
 
 CPU_LAUNCH_DIR = Path(__file__).parent / "cpu_launch"
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 131072
-_live: weakref.WeakSet[SGLangServer] = weakref.WeakSet()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A free port below MAX_PORT (SGLang also claims port + 10000 for gRPC and refuses ports above)."""
-    for _ in range(200):
-        port = random.randrange(20000, MAX_PORT)
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port found on {host} in 20000..{MAX_PORT}")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -83,8 +64,10 @@ class SGLangServer:
         memory_saver: bool = False,
         served_model_name: str | None = None,
         weight_version: str | None = None,
+        tool_call_parser: str | None = None,
     ) -> None:
-        self.model_path = str(model_path)
+        self.model_path = str(model_path)  # what it serves; a restart may point it at merged weights
+        self.base_model_path = str(model_path)
         self.config = config
         self.log_path = Path(log_path)
         self.device = device
@@ -92,6 +75,7 @@ class SGLangServer:
         self.memory_saver = memory_saver
         self.served_model_name = served_model_name
         self.weight_version = weight_version
+        self.tool_call_parser = tool_call_parser  # resolved: "auto" is decided from the template by the caller
         self.port: int | None = config.port
         self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -145,6 +129,18 @@ class SGLangServer:
             cmd += ["--context-length", str(c.context_length)]
         if c.disable_radix_cache:
             cmd += ["--disable-radix-cache"]
+        if c.api_key:
+            cmd += ["--api-key", c.api_key]
+        if c.chat_template:
+            cmd += ["--chat-template", c.chat_template]
+        if self.tool_call_parser:
+            cmd += ["--tool-call-parser", self.tool_call_parser]
+        if c.reasoning_parser:
+            cmd += ["--reasoning-parser", c.reasoning_parser]
+        # xgrammar applies its token masks only on CUDA: on the CPU a constrained request kills the scheduler.
+        grammar = c.grammar_backend or ("llguidance" if self.device is None else None)
+        if grammar:
+            cmd += ["--grammar-backend", grammar]
         if self.enable_lora:
             cmd += [
                 "--enable-lora",
@@ -182,6 +178,9 @@ class SGLangServer:
         env["SGL_DISABLE_TP_MEMORY_INBALANCE_CHECK"] = "True"
         env["SGLANG_DISABLE_TP_MEMORY_INBALANCE_CHECK"] = "True"  # the name newer releases read
         env["PYTHONUNBUFFERED"] = "1"
+        # Logprobs of the policy itself (log_softmax of the logits), not of logits / temperature: what the
+        # trainer computes, whatever the sampling settings.
+        env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
         if self.device is None:
             env["CUDA_VISIBLE_DEVICES"] = ""
             env["SGLANG_USE_CPU_ENGINE"] = "1"  # without it the rotary embedding imports vllm
@@ -219,7 +218,7 @@ class SGLangServer:
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
-        _live.add(self)
+        own(self)
         log.info("SGLang server starting (pid %d, %s); log: %s", self._proc.pid, self.base_url, self.log_path)
         try:
             await self._wait_healthy()
@@ -232,7 +231,8 @@ class SGLangServer:
     async def _wait_healthy(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + self.config.server_timeout
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else None
+        async with httpx.AsyncClient(timeout=5.0, headers=headers) as client:
             while True:
                 code = self._proc.poll()
                 if code is not None:
@@ -258,23 +258,12 @@ class SGLangServer:
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM the process group, SIGKILL it after `grace` seconds, and reap the launcher."""
-        proc, self._proc = self._proc, None
-        _live.discard(self)
+        proc, self._proc = self._proc, None  # first: a watcher that sees this knows the stop is planned
+        release(self)
         if proc is None:
             return
-        pgid = proc.pid  # start_new_session: the launcher leads its own group
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            proc.poll()
-            if not process_group_members(pgid):
-                break
-            time.sleep(0.1)
-        else:
-            log.warning("SGLang server did not stop within %.0f s of SIGTERM; sending SIGKILL", grace)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
+        # start_new_session: the launcher leads its own group. Reaped while waiting, so it leaves no zombie.
+        stop_group(proc.pid, grace, "the SGLang server")
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
         self._tree = set()
@@ -302,31 +291,32 @@ class SGLangServer:
     # -- crash detection --------------------------------------------------------------------------------
     def crash_reason(self) -> str | None:
         """None while the whole tree lives; otherwise what died."""
-        if self._proc is None:
-            return "the server is not running"
-        code = self._proc.poll()
+        return self._dead(self._proc, self._tree) if self._proc is not None else "the server is not running"
+
+    @staticmethod
+    def _dead(proc: subprocess.Popen[bytes], tree: set[int]) -> str | None:
+        code = proc.poll()
         if code is not None:
-            return f"the launcher (pid {self._proc.pid}) exited with code {code}"
-        dead = sorted(p for p in self._tree if not alive(p))
-        if dead:
-            return f"server process(es) {dead} died"
-        return None
+            return f"the launcher (pid {proc.pid}) exited with code {code}"
+        dead = sorted(p for p in tree if not alive(p))
+        return f"server process(es) {dead} died" if dead else None
 
-    def check_alive(self) -> None:
-        reason = self.crash_reason()
-        if reason is not None:
-            raise ServerCrashedError(f"The SGLang server crashed: {reason} (log: {self.log_path}).", self.log_tail())
+    async def watch(self, on_crash: Callable[[int, str], Awaitable[None]], interval: float = 0.5) -> None:
+        """Watch the running server's process tree until it dies, then await `on_crash(pid, reason)` once.
 
-    async def watch(self, on_crash: Callable[[str], Awaitable[None]], interval: float = 0.5) -> None:
-        """Poll the tree until it dies, then await `on_crash(reason)` once. Run it as a task; cancel to stop."""
+        Returns without calling it when the server is stopped or restarted on purpose: stop() forgets the process
+        before it signals it, so a planned stop is never taken for a crash. Run it as a task; cancel to stop."""
+        proc, tree = self._proc, set(self._tree)
+        if proc is None:
+            return
         while True:
             await asyncio.sleep(interval)
-            if self._proc is None:
+            if self._proc is not proc:
                 return
-            reason = self.crash_reason()
-            if reason is not None:
+            reason = self._dead(proc, tree)
+            if reason is not None and self._proc is proc:  # checked again: a stop may have begun meanwhile
                 log.error("SGLang server crashed: %s", reason)
-                await on_crash(reason)
+                await on_crash(proc.pid, reason)
                 return
 
     def log_tail(self, lines: int = 40) -> str:
@@ -338,9 +328,3 @@ class SGLangServer:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
-
-
-@atexit.register
-def _stop_all() -> None:
-    for server in list(_live):
-        server.stop(grace=10.0)

@@ -1,8 +1,8 @@
-"""How a new policy reaches the server: one small module per method, plus the one-GPU memory swap.
+"""How a policy reaches the server: one small module per method, plus the one-GPU time-share.
 
-Each method has `apply(step, checkpoint)`, called after the trainer saved `checkpoint` for `step`, which returns
-its timings once new requests are served by the new policy; and `restore(step, checkpoint)`, which puts the
-current policy back on a freshly (re)started server.
+Each method has one entry point, `publish(step, checkpoint)`: it makes the server serve `step` whatever the server
+holds now (the step before, nothing yet after a start or a crash, or a step that failed halfway), and returns its
+timings once new requests are served by that policy.
 """
 
 from .base import SyncContext, WeightSync

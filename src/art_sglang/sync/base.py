@@ -1,4 +1,4 @@
-"""What every weight-sync method works with."""
+"""What every weight-sync method works with, and what it promises."""
 
 from __future__ import annotations
 
@@ -25,16 +25,19 @@ class SyncContext:
 
 
 class WeightSync:
+    """One way of putting a policy on the server.
+
+    `publish(step, checkpoint)` makes the server serve `step`, whatever it serves now: the previous step, nothing
+    of ours (just started or restarted), or a step that failed halfway. When it returns, new requests for the
+    model are answered by `step`; when it raises, the caller puts the last good step back with another publish.
+    """
+
     method = "base"
 
     def __init__(self, ctx: SyncContext) -> None:
         self.ctx = ctx
 
-    async def apply(self, step: int, checkpoint: Path) -> dict[str, float]:
-        raise NotImplementedError
-
-    async def restore(self, step: int, checkpoint: Path) -> None:
-        """Serve `step` on a server that holds nothing of ours yet (first start, or after a restart)."""
+    async def publish(self, step: int, checkpoint: Path) -> dict[str, float]:
         raise NotImplementedError
 
     async def close(self) -> None:

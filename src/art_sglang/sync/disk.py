@@ -1,6 +1,7 @@
 """`disk`: merged weights through `update_weights_from_disk`, never flushing while requests run.
 
-Only the layers the adapter touches are written and loaded (the server keeps its embeddings and norms).
+Only the layers the adapter touches are written and loaded (the server keeps its embeddings and norms; the merged
+layers replace the base ones whole, so this is right on a freshly started server too).
 
 New requests wait at the gateway. If the server drains within `drain_timeout`, the update flushes the cache
 itself. Otherwise: pause (retract), update without flush, continue, and flush once idle, all before the gate
@@ -21,22 +22,12 @@ from .base import WeightSync
 class DiskSync(WeightSync):
     method = "disk"
 
-    async def apply(self, step: int, checkpoint: Path) -> dict[str, float]:
+    async def publish(self, step: int, checkpoint: Path) -> dict[str, float]:
         started = time.monotonic()
         merged, stats = await self.export(step, changed_only=True)
         exported = time.monotonic()
-        await self._update(step, merged)
-        return {
-            "sync_seconds": time.monotonic() - started,
-            "update_seconds": time.monotonic() - exported,
-            "export_seconds": stats["export_seconds"],
-            "export_bytes": stats["export_bytes"],
-        }
-
-    async def _update(self, step: int, merged: Path) -> None:
         ctx = self.ctx
-        ctx.gateway.close_gate()
-        try:
+        async with ctx.gateway.closed():
             if await ctx.gateway.wait_idle(ctx.drain_timeout):
                 await ctx.client.update_weights_from_disk(str(merged), weight_version=str(step), flush_cache=True)
             else:
@@ -47,8 +38,12 @@ class DiskSync(WeightSync):
                     await ctx.client.continue_generation()
                 await self._flush_when_idle()
             ctx.gateway.set_route(ctx.name, step, None)
-        finally:
-            ctx.gateway.open_gate()
+        return {
+            "sync_seconds": time.monotonic() - started,
+            "update_seconds": time.monotonic() - exported,
+            "export_seconds": stats["export_seconds"],
+            "export_bytes": stats["export_bytes"],
+        }
 
     async def _flush_when_idle(self) -> None:
         deadline = time.monotonic() + 10 * self.ctx.drain_timeout
@@ -61,10 +56,3 @@ class DiskSync(WeightSync):
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)
-
-    async def restore(self, step: int, checkpoint: Path) -> None:
-        if step == 0:  # the untrained adapter is the base model
-            self.ctx.gateway.set_route(self.ctx.name, step, None)
-            return
-        merged, _ = await self.export(step, changed_only=True)
-        await self._update(step, merged)

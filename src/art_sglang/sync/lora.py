@@ -13,8 +13,8 @@ import secrets
 import time
 from pathlib import Path
 
-from ..errors import SGLangAPIError
-from .base import WeightSync
+from ..errors import ArtSGLangError
+from .base import SyncContext, WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -22,23 +22,28 @@ log = logging.getLogger(__name__)
 class LoraSync(WeightSync):
     method = "lora"
 
-    def __init__(self, ctx) -> None:
+    def __init__(self, ctx: SyncContext) -> None:
         super().__init__(ctx)
-        self.current: str | None = None
+        self.current: str | None = None  # the adapter new requests are routed to
+        self._server_pid: int | None = None  # the server process that holds it
         self._unloads: set[asyncio.Task[None]] = set()
 
-    def _adapter_name(self, step: int) -> str:
-        return f"{self.ctx.name}-step{step}-{secrets.token_hex(3)}"
-
-    async def apply(self, step: int, checkpoint: Path) -> dict[str, float]:
+    async def publish(self, step: int, checkpoint: Path) -> dict[str, float]:
+        ctx = self.ctx
         started = time.monotonic()
-        name = self._adapter_name(step)
-        await self.ctx.client.load_lora_adapter(name, str(checkpoint))
+        name = f"{ctx.name}-step{step}-{secrets.token_hex(3)}"
+        await ctx.client.load_lora_adapter(name, str(checkpoint))
         loaded = time.monotonic()
-        previous, self.current = self.current, name
-        self.ctx.gateway.set_route(self.ctx.name, step, name)
+        try:
+            await ctx.client.update_weight_version(str(step))
+        except BaseException:
+            with contextlib.suppress(ArtSGLangError):  # best effort: the server may be gone
+                await ctx.client.unload_lora_adapter(name)
+            raise
+        previous = self.current if self._server_pid == ctx.server.pid else None  # else it died with its server
+        self.current, self._server_pid = name, ctx.server.pid
+        ctx.gateway.set_route(ctx.name, step, name)
         flipped = time.monotonic()
-        await self.ctx.client.update_weight_version(str(step))
         if previous is not None:
             task = asyncio.create_task(self._unload_when_drained(previous))
             self._unloads.add(task)
@@ -46,28 +51,21 @@ class LoraSync(WeightSync):
         return {"sync_seconds": flipped - started, "adapter_load_seconds": loaded - started}
 
     async def _unload_when_drained(self, name: str) -> None:
-        if not await self.ctx.gateway.wait_drained(name, self.ctx.drain_timeout):
+        ctx = self.ctx
+        if not await ctx.gateway.wait_drained(name, ctx.drain_timeout):
             log.warning(
                 "adapter %s still has requests after %.0f s; unloading anyway (SGLang waits for them)",
                 name,
-                self.ctx.drain_timeout,
+                ctx.drain_timeout,
             )
         try:
-            await self.ctx.client.unload_lora_adapter(name)
-        except SGLangAPIError as e:
+            await ctx.client.unload_lora_adapter(name)
+        except ArtSGLangError as e:
             log.warning("unloading adapter %s failed: %s", name, e)
             return
-        if self.ctx.config.flush_cache_on_sync and await self.ctx.gateway.wait_idle(self.ctx.drain_timeout):
-            with contextlib.suppress(SGLangAPIError):  # refused while requests run: harmless
-                await self.ctx.client.flush_cache()
-
-    async def restore(self, step: int, checkpoint: Path) -> None:
-        self.current = None  # whatever was loaded died with the old server
-        name = self._adapter_name(step)
-        await self.ctx.client.load_lora_adapter(name, str(checkpoint))
-        self.current = name
-        self.ctx.gateway.set_route(self.ctx.name, step, name)
-        await self.ctx.client.update_weight_version(str(step))
+        if ctx.config.flush_cache_on_sync and await ctx.gateway.wait_idle(ctx.drain_timeout):
+            with contextlib.suppress(ArtSGLangError):  # refused while requests run: harmless
+                await ctx.client.flush_cache()
 
     async def close(self) -> None:
         if self._unloads:

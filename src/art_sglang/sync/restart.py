@@ -1,4 +1,7 @@
-"""`restart`: start the server again on the newest merged weights. Requests wait at the gateway meanwhile."""
+"""`restart`: start the server again on the newest merged weights, once its requests have drained.
+
+Requests wait at the gateway meanwhile; a planned stop is never taken for a crash (see SGLangServer.watch).
+"""
 
 from __future__ import annotations
 
@@ -11,26 +14,22 @@ from .base import WeightSync
 class RestartSync(WeightSync):
     method = "restart"
 
-    async def apply(self, step: int, checkpoint: Path) -> dict[str, float]:
-        started = time.monotonic()
-        merged, stats = await self.export(step)
-        exported = time.monotonic()
+    async def publish(self, step: int, checkpoint: Path) -> dict[str, float]:
         ctx = self.ctx
-        ctx.gateway.close_gate()
-        try:
-            await ctx.server.restart(model_path=merged, weight_version=str(step))
+        started = time.monotonic()
+        if step == 0:
+            merged, stats = Path(ctx.server.base_model_path), {"export_seconds": 0.0, "export_bytes": 0.0}
+        else:
+            merged, stats = await self.export(step)
+        exported = time.monotonic()
+        async with ctx.gateway.closed():
+            if ctx.server.model_path != str(merged) or not ctx.server.running:
+                await ctx.gateway.wait_idle(ctx.drain_timeout)  # in-flight requests finish on the old weights
+                await ctx.server.restart(model_path=merged, weight_version=str(step))
             ctx.gateway.set_route(ctx.name, step, None)
-        finally:
-            ctx.gateway.open_gate()
         return {
             "sync_seconds": time.monotonic() - started,
             "restart_seconds": time.monotonic() - exported,
             "export_seconds": stats["export_seconds"],
             "export_bytes": stats["export_bytes"],
         }
-
-    async def restore(self, step: int, checkpoint: Path) -> None:
-        if step == 0:
-            self.ctx.gateway.set_route(self.ctx.name, step, None)
-            return
-        await self.apply(step, checkpoint)

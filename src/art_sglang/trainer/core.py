@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..config import ALL_LINEAR
+from ..config import ALL_LINEAR, TrainerConfig
 from .loss import LossConfig, policy_loss
 from .sequence import Sequence
 
@@ -55,6 +55,23 @@ class TrainerSettings:
     compile: bool | None = None  # torch.compile each decoder layer; None: on a GPU (fuses the elementwise work)
     seed: int = 0
     threads: int | None = None  # torch threads on the CPU
+
+    @classmethod
+    def from_config(
+        cls, base_model: str, config: TrainerConfig, *, peft_args: dict[str, Any], threads: int | None
+    ) -> TrainerSettings:
+        return cls(
+            base_model,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            target_modules=list(config.target_modules),
+            peft_args=peft_args,
+            dtype=config.dtype,
+            max_grad_norm=config.max_grad_norm,
+            micro_batch_tokens=config.micro_batch_tokens,
+            seed=config.seed,
+            threads=threads,
+        )
 
 
 @dataclass
@@ -273,8 +290,9 @@ class PolicyTrainer:
         local_tokens = sum(sum(s.mask[1:]) for s in sequences)
         denominator = float(options.total_tokens if options.total_tokens is not None else local_tokens) + 1e-6
         chunk = self.settings.logprob_chunk
-        names = ("loss_sum", "entropy_sum", "gap_sum", "gap_tokens", "kl_sum", "kl_batches")
+        names = ("loss_sum", "entropy_sum", "gap_sum", "gap_tokens", "gap_over_1e-2", "kl_sum", "kl_batches")
         sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)  # read once: no per-batch syncs
+        gap_max = torch.zeros((), dtype=torch.float64, device=self.device)
         offset = 0
         for idx in micro_batches(sequences, self.settings.micro_batch_tokens):
             batch = [sequences[i] for i in idx]
@@ -300,13 +318,14 @@ class PolicyTrainer:
             )
             (terms.policy_loss_sum / denominator).backward()
             with torch.no_grad():
+                # Engine vs trainer logprobs of the sampled tokens, before this step's update.
                 sampled = ~torch.isnan(f["old"])
-                gap = torch.where(sampled, (new_lp - f["old"]).abs(), 0.0).sum()
+                gaps = torch.where(sampled, (new_lp.float() - f["old"]).abs(), 0.0)
+                gap_max = torch.maximum(gap_max, gaps.max().double()) if gaps.numel() else gap_max
                 kl = terms.kl_policy_ref if terms.kl_policy_ref is not None else new_lp.new_zeros(())
                 has_kl = float(terms.kl_policy_ref is not None)
-                sums += torch.stack(
-                    [terms.policy_loss_sum, entropy.sum(), gap, sampled.sum(), kl, kl.new_tensor(has_kl)]
-                ).double()
+                stats = [terms.policy_loss_sum, entropy.sum(), gaps.sum(), sampled.sum(), (gaps > 1e-2).sum()]
+                sums += torch.stack([t.double() for t in [*stats, kl, kl.new_tensor(has_kl)]])
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.grad_sync is not None:
             self.grad_sync(grads)  # sums gradients over data-parallel ranks
@@ -320,6 +339,7 @@ class PolicyTrainer:
         self.step += 1
         return {
             **dict(zip(names, sums.tolist(), strict=True)),
+            "gap_max": gap_max.item(),
             "grad_norm": grad_norm.item(),
             "tokens": float(local_tokens),
             "sequences": float(len(sequences)),
@@ -356,11 +376,10 @@ class PolicyTrainer:
                 },
                 tmp / TRAINER_STATE,
             )
-            _fsync_dir(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-            _fsync_dir(target.parent)
+            for f in tmp.iterdir():
+                _fsync(f, os.O_RDONLY)
+            _fsync(tmp, os.O_RDONLY)
+            replace_dir(tmp, target)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(
@@ -380,13 +399,14 @@ class PolicyTrainer:
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        weights = load_file(str(directory / "adapter_model.safetensors"), device=str(self.device))
+        where = "cpu" if self.offloaded else str(self.device)  # shared mode: the model lives in CPU memory now
+        weights = load_file(str(directory / "adapter_model.safetensors"), device=where)
         result = set_peft_model_state_dict(self.model, weights)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"checkpoint {directory} does not fit this model: {result.unexpected_keys[:3]}")
         state_file = directory / TRAINER_STATE
         if state_file.exists():
-            state = torch.load(state_file, map_location=self.device, weights_only=False)
+            state = torch.load(state_file, map_location=where, weights_only=True)
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = int(state["step"])
         else:
@@ -463,9 +483,35 @@ class PolicyTrainer:
             torch.cuda.empty_cache()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory `new` at `target`. An existing `target` is first renamed aside (`.<name>.old-*`) and removed
+    only once `new` is in place: at every moment one complete copy exists (start-up puts an orphaned old copy back,
+    see restore_replaced)."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rename(target, old / target.name)
+    os.rename(new, target)
+    _fsync(target.parent, os.O_RDONLY)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_replaced(directory: Path) -> None:
+    """After a crash in replace_dir: put back an old copy whose replacement never arrived, drop the rest, and drop
+    partial writes (`.<name>.tmp-*`)."""
+    for old in directory.glob(".*.old-*"):
+        for copy in old.iterdir():
+            if not (directory / copy.name).exists():
+                os.rename(copy, directory / copy.name)
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in directory.glob(".*.tmp-*"):
+        shutil.rmtree(partial, ignore_errors=True)

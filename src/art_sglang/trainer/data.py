@@ -1,9 +1,14 @@
-"""From ART trajectory groups to training sequences, built from the exact tokens the engine sampled.
+"""From ART trajectory groups to training sequences: the tokens the engine was given and the ones it sampled.
 
-The conversation is rendered once with the model's chat template, each trainable Choice replaced by a single
-placeholder token; each placeholder is then replaced by the Choice's sampled token ids (never re-tokenized
-text) with the engine's logprobs, and only those tokens are marked trainable. Advantages follow ART:
-reward minus group mean, divided by the group's std (+1e-6) when `scale_rewards`.
+A Choice from our gateway (or from vLLM with `return_token_ids`) carries the engine's prompt ids and sampled ids.
+With those, a history is assembled as ART does: each trained Choice's prompt, then its sampled ids; a Choice whose
+prompt extends the sequence so far continues it, any other starts a new sequence. So every trained token is
+trained in exactly the context the engine sampled it in, whatever the chat template does to history.
+
+A Choice without them (built elsewhere) gets its context from the chat template: the conversation rendered once,
+each trained turn a placeholder filled with its sampled ids (never re-tokenized text); such turns are counted
+(`contexts_from_template`). Additional histories are trained like the main one. Advantages follow ART: reward
+minus group mean, divided by the group's std (+1e-6) when `scale_rewards`; rewards equal within 1e-6 teach nothing.
 """
 
 from __future__ import annotations
@@ -17,14 +22,11 @@ from typing import Any, Literal
 from art import Trajectory, TrajectoryGroup
 from openai.types.chat.chat_completion import Choice
 
-from ..errors import ArtSGLangError
+from ..chat import ChatTemplate, fill, token_id_from_bytes
+from ..errors import TrajectoryError
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-
-class TrajectoryError(ArtSGLangError, ValueError):
-    """A trajectory cannot be trained on as given; the message names it and the fix."""
 
 
 @dataclass
@@ -65,7 +67,13 @@ def check_rewards(groups: list[TrajectoryGroup]) -> None:
                 )
 
 
+REWARD_TOLERANCE = 1e-6  # rewards this close count as equal: such a group teaches nothing
+
+
 def advantages(rewards: list[float], scale_rewards: bool) -> list[float]:
+    """ART's GRPO advantages; all zero when the rewards are equal within REWARD_TOLERANCE."""
+    if max(rewards) - min(rewards) <= REWARD_TOLERANCE:
+        return [0.0] * len(rewards)
     mean = sum(rewards) / len(rewards)
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
     return [(r - mean) / (std + 1e-6) if scale_rewards else r - mean for r in rewards]
@@ -77,15 +85,10 @@ def sampled_token_ids(choice: Choice, tokenizer: Any) -> list[int]:
     entries = choice.logprobs.content or []
     if all(e.token.startswith("token_id:") for e in entries):
         return [int(e.token.split(":", 1)[1]) for e in entries]
-    byte_map = _BYTE_TO_UNICODE
     ids = []
     for e in entries:
-        token_id = None
-        if e.bytes is not None:
-            token_id = tokenizer.convert_tokens_to_ids("".join(byte_map[b] for b in e.bytes))
-            if token_id is not None and tokenizer.convert_ids_to_tokens(token_id) is None:
-                token_id = None
-        if token_id is None or token_id == tokenizer.unk_token_id:
+        token_id = token_id_from_bytes(tokenizer, e.bytes)
+        if token_id is None:
             raise TrajectoryError(
                 f"cannot recover the exact token id of sampled token {e.token!r}; re-tokenizing text is not exact "
                 "for byte-level BPE. Sample through the backend's endpoint (model.openai_client()), which returns "
@@ -95,48 +98,102 @@ def sampled_token_ids(choice: Choice, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level BPE alphabet: printable bytes stand for themselves, the rest are shifted past 255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, shift = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
+def engine_ids(choice: Choice) -> tuple[list[int], list[int]] | None:
+    """The prompt ids the engine was given and the ids it sampled, when the Choice carries them (our gateway
+    and vLLM's `return_token_ids` put `prompt_token_ids` and `token_ids` on it)."""
+    extra = choice.model_extra or {}
+    prompt, sampled = extra.get("prompt_token_ids"), extra.get("token_ids")
+    if isinstance(prompt, list) and isinstance(sampled, list) and prompt and sampled:
+        return [int(i) for i in prompt], [int(i) for i in sampled]
+    return None
+
+
+@dataclass
+class Piece:
+    """One training sequence of a history, and the engine prompts its trained Choices were sampled from."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    mask: list[bool] = field(default_factory=list)
+    prompts: list[tuple[int, list[int]]] = field(default_factory=list)  # (where a Choice starts, its prompt)
+
+    def add(self, ids: list[int], logprobs: list[float] | None = None) -> None:
+        self.token_ids += ids
+        self.logprobs += logprobs if logprobs is not None else [math.nan] * len(ids)
+        self.mask += [logprobs is not None] * len(ids)
+
+    def context_mismatch(self) -> int:
+        """Context tokens that differ from the prompt the engine was given, over this piece's Choices."""
+        wrong = 0
+        for start, prompt in self.prompts:
+            context = self.token_ids[:start]
+            wrong += sum(a != b for a, b in zip(context, prompt, strict=False)) + abs(len(context) - len(prompt))
+        return wrong
+
+
+def _choice_logprobs(item: Any, n: int, label: str) -> list[float]:
+    if isinstance(item, Choice) and item.logprobs is not None and item.logprobs.content:
+        lps = [e.logprob for e in item.logprobs.content]
+        if len(lps) != n:
+            raise TrajectoryError(
+                f"{label} has a Choice with {n} sampled token ids but {len(lps)} logprobs; pass the Choice as the "
+                "client returned it, unchanged."
+            )
+        return lps
+    return [math.nan] * n  # allow_training_without_logprobs: the trainer takes them as on-policy
+
+
+def _exact_pieces(items: list[Any], trainable: list[int], label: str) -> list[Piece]:
+    """ART's assembly of engine token ids: each Choice's prompt, then its sampled ids; a Choice whose prompt
+    extends the sequence so far continues it, any other starts a new sequence. Nothing is re-rendered."""
+    pieces: list[Piece] = []
+    for i in trainable:
+        prompt, sampled = engine_ids(items[i])
+        piece = pieces[-1] if pieces else None
+        if piece is not None and prompt[: len(piece.token_ids)] == piece.token_ids:
+            piece.add(prompt[len(piece.token_ids) :])
         else:
-            table[b] = chr(256 + shift)
-            shift += 1
-    return table
+            piece = Piece()
+            pieces.append(piece)
+            piece.add(prompt)
+        piece.prompts.append((len(piece.token_ids), prompt))
+        piece.add(sampled, _choice_logprobs(items[i], len(sampled), label))
+    return pieces
 
 
-_BYTE_TO_UNICODE = _byte_to_unicode()
+def _template_piece(
+    items: list[Any], trainable: list[int], tools: Any, template: ChatTemplate, tokenizer: Any, label: str
+) -> Piece:
+    """The conversation rendered once with the chat template, each trained turn filled with its sampled ids
+    (re-tokenized text only under allow_training_without_logprobs)."""
+    messages = Trajectory(messages_and_choices=items).messages()
+    segments = template.render_with_holes(messages, trainable, tools, add_generation_prompt=False, continue_final=True)
+    fills, logprobs = [], []
+    for i in trainable:
+        item = items[i]
+        if isinstance(item, Choice) and item.logprobs is not None and item.logprobs.content:
+            ids = sampled_token_ids(item, tokenizer)
+        elif isinstance(item, Choice) and (exact := engine_ids(item)) is not None:
+            ids = exact[1]
+        else:
+            text = item.message.content if isinstance(item, Choice) else item.get("content")
+            ids = tokenizer.encode(text or "", add_special_tokens=False)
+        fills.append(ids)
+        logprobs.append(_choice_logprobs(item, len(ids), label))
+    token_ids, starts = fill(segments, fills)
+    piece = Piece(token_ids, [math.nan] * len(token_ids), [False] * len(token_ids))
+    for start, ids, lps in zip(starts, fills, logprobs, strict=True):
+        piece.logprobs[start : start + len(ids)] = lps
+        piece.mask[start : start + len(ids)] = [True] * len(ids)
+    return piece
 
 
-def _placeholder(tokenizer: Any, avoid: set[int]) -> int:
-    """An added single-token string that appears nowhere in the rendered conversation."""
-    reserved = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}
-    for token_id in sorted(tokenizer.added_tokens_decoder, reverse=True):
-        if token_id not in avoid and token_id not in reserved:
-            return token_id
-    raise TrajectoryError("the tokenizer has no spare added token to render trajectories with")
-
-
-def _render(tokenizer: Any, messages: list[dict], tools: Any, continue_final: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        messages,
-        tools=tools,
-        tokenize=True,
-        return_dict=False,
-        continue_final_message=continue_final,
-        add_generation_prompt=False,
-    )
-    return list(ids)
-
-
-def tokenize_trajectory(
-    trajectory: Trajectory, tokenizer: Any, *, allow_without_logprobs: bool, label: str
-) -> tuple[list[int], list[float], list[bool]] | None:
-    """Token ids, sampler logprobs and trainable mask of one trajectory, up to its last trainable turn."""
-    items = list(trajectory.messages_and_choices)
+def tokenize_history(
+    items: list[Any], tools: Any, template: ChatTemplate, *, allow_without_logprobs: bool, label: str
+) -> tuple[list[Piece], int]:
+    """The training sequences of one history, and how many of its trained turns got their context from the
+    chat template (0 when the engine's own token ids were there for every one)."""
+    tokenizer = template.tokenizer
     choices = [i for i, m in enumerate(items) if isinstance(m, Choice)]
     dict_assistant = [i for i, m in enumerate(items) if isinstance(m, dict) and m.get("role") == "assistant"]
     with_logprobs = [i for i in choices if items[i].logprobs is not None and items[i].logprobs.content]
@@ -158,48 +215,36 @@ def tokenize_trajectory(
             )
         trainable = with_logprobs
     if not trainable:
-        return None
-    last = trainable[-1]
-    items = items[: last + 1]
-    messages = Trajectory(messages_and_choices=items).messages()
-    tools = trajectory.tools
+        return [], 0
+    items = items[: trainable[-1] + 1]
+    if all(isinstance(items[i], Choice) and engine_ids(items[i]) is not None for i in trainable):
+        return _exact_pieces(items, trainable, label), 0
+    return [_template_piece(items, trainable, tools, template, tokenizer, label)], len(trainable)
 
-    original = _render(tokenizer, messages, tools, continue_final=True)
-    hole = _placeholder(tokenizer, set(original))
-    hole_text = tokenizer.convert_ids_to_tokens(hole)
-    templated = [
-        {"role": "assistant", "content": hole_text, **({"tool_calls": m["tool_calls"]} if m.get("tool_calls") else {})}
-        if i in trainable
-        else m
-        for i, m in enumerate(messages)
-    ]
-    token_ids = _render(tokenizer, templated, tools, continue_final=True)
-    logprobs = [math.nan] * len(token_ids)
-    mask = [False] * len(token_ids)
-    for i in trainable:
-        start = token_ids.index(hole)
-        item = items[i]
-        if isinstance(item, Choice) and item.logprobs is not None and item.logprobs.content:
-            ids = sampled_token_ids(item, tokenizer)
-            lps = [e.logprob for e in item.logprobs.content]
-        else:  # allow_training_without_logprobs: re-tokenized text, logprobs unknown
-            text = item.message.content if isinstance(item, Choice) else item.get("content")
-            ids = tokenizer.encode(text or "", add_special_tokens=False)
-            lps = [math.nan] * len(ids)
-        after = token_ids[start + 1] if start + 1 < len(token_ids) else None
-        token_ids[start : start + 1] = ids
-        logprobs[start : start + 1] = lps
-        mask[start : start + 1] = [True] * len(ids)
-        # The sampled end-of-turn token and the template's own must not both appear.
-        end = start + len(ids)
-        if ids and after is not None and ids[-1] == after:
-            del token_ids[end], logprobs[end], mask[end]
-    return token_ids, logprobs, mask
+
+def tokenize_trajectory(
+    trajectory: Trajectory, template: ChatTemplate, *, allow_without_logprobs: bool, label: str
+) -> tuple[list[Piece], Counter[str]]:
+    """Sequences of a trajectory and of its additional histories (trained like it, as ART does)."""
+    counts: Counter[str] = Counter()
+    histories = [(list(trajectory.messages_and_choices), trajectory.tools)]
+    histories += [(list(h.messages_and_choices), h.tools) for h in trajectory.additional_histories]
+    counts["additional_histories"] += len(histories) - 1
+    pieces: list[Piece] = []
+    for h, (items, tools) in enumerate(histories):
+        where = label if h == 0 else f"additional history {h - 1} of {label}"
+        found, from_template = tokenize_history(
+            items, tools, template, allow_without_logprobs=allow_without_logprobs, label=where
+        )
+        counts["contexts_from_template"] += from_template
+        counts["histories_split"] += len(found) > 1
+        pieces += found
+    return pieces, counts
 
 
 def prepare(
     groups: list[TrajectoryGroup],
-    tokenizer: Any,
+    template: ChatTemplate,
     *,
     scale_rewards: bool = True,
     allow_training_without_logprobs: bool = False,
@@ -209,6 +254,7 @@ def prepare(
     """Validate and tokenize; zero-variance groups and overlong sequences are skipped (or truncated) and counted."""
     check_rewards(groups)
     out = Prepared([])
+    out.counts["context_mismatch_tokens"] = 0
     for g, group in enumerate(groups):
         trajectories = list(group.trajectories)
         out.counts["groups"] += 1
@@ -226,24 +272,28 @@ def prepare(
             if adv == 0:
                 out.counts["trajectories_skipped_zero_advantage"] += 1
                 continue
-            result = tokenize_trajectory(
-                trajectory, tokenizer, allow_without_logprobs=allow_training_without_logprobs, label=_label(g, t)
+            pieces, counts = tokenize_trajectory(
+                trajectory, template, allow_without_logprobs=allow_training_without_logprobs, label=_label(g, t)
             )
-            if result is None:
+            out.counts.update(counts)
+            kept = []
+            for piece in pieces:
+                out.counts["context_mismatch_tokens"] += piece.context_mismatch()
+                if max_length is not None and len(piece.token_ids) > max_length:
+                    if overlong == "skip" or not any(piece.mask[:max_length]):
+                        out.counts["sequences_skipped_overlong"] += 1
+                        continue
+                    piece = Piece(piece.token_ids[:max_length], piece.logprobs[:max_length], piece.mask[:max_length])
+                    out.counts["sequences_truncated"] += 1
+                kept.append(piece)
+            if not kept:
                 out.counts["trajectories_skipped_untrainable"] += 1
                 continue
-            ids, lps, mask = result
-            if max_length is not None and len(ids) > max_length:
-                if overlong == "skip":
-                    out.counts["trajectories_skipped_overlong"] += 1
-                    continue
-                ids, lps, mask = ids[:max_length], lps[:max_length], mask[:max_length]
-                out.counts["trajectories_truncated"] += 1
-                if not any(mask):
-                    out.counts["trajectories_skipped_overlong"] += 1
-                    continue
-            n = sum(mask)
-            out.sequences.append(Sequence(ids, lps, mask, adv, 1.0 / (n + 1e-6), g))
+            # ART's weight: one over the trajectory's trained tokens, over all of its sequences.
+            n = sum(sum(p.mask) for p in kept)
+            for piece in kept:
+                out.sequences.append(Sequence(piece.token_ids, piece.logprobs, piece.mask, adv, 1.0 / (n + 1e-6), g))
             out.counts["trajectories_used"] += 1
+            out.counts["sequences"] += len(kept)
             out.counts["tokens_trained"] += n
     return out

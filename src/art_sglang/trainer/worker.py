@@ -10,35 +10,26 @@ A worker that dies makes the pending call raise `TrainerCrashedError` with its l
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
 import traceback
-import weakref
 from dataclasses import asdict
 from multiprocessing.connection import Client, Connection, Listener
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtSGLangError
-from ..procs import die_with_parent
+from ..errors import TrainerCrashedError
+from ..procs import die_with_parent, free_port, own, release, stop_group
 from .core import StepOptions, TrainerSettings
 from .sequence import Sequence
 
 _SRC = str(Path(__file__).resolve().parents[2])  # the directory holding art_sglang
 KEY_ENV = "ART_SGLANG_TRAINER_KEY"
-_live: weakref.WeakSet[TrainerGroup] = weakref.WeakSet()
-
-
-class TrainerCrashedError(ArtSGLangError):
-    """A trainer worker died or failed; carries the tail of its log."""
 
 
 # -- the worker side (runs in the child process) ------------------------------------------------------------
@@ -95,12 +86,6 @@ def _worker_main(address: str, rank: int, world_size: int, dist_port: int) -> No
 
 
 # -- the driving side (runs in the user's process) ---------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TrainerGroup:
     """One worker per training device (GPU index), or `cpu_workers` workers on the CPU when `devices` is empty."""
 
@@ -141,7 +126,7 @@ class TrainerGroup:
         key = secrets.token_hex(16)
         listener = Listener(("127.0.0.1", 0), authkey=bytes.fromhex(key))
         address = f"{listener.address[0]}:{listener.address[1]}"
-        dist_port = _free_port()
+        dist_port = free_port()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         settings = asdict(self.settings)
         if not self.devices:
@@ -177,7 +162,7 @@ class TrainerGroup:
             for conn in self._conns:
                 conn.send(settings)
             replies = await self._collect("start", deadline=time.monotonic() + self.start_timeout)
-            _live.add(self)
+            own(self)
         except BaseException:
             self.stop()
             raise
@@ -278,14 +263,18 @@ class TrainerGroup:
         total = sum(sum(s.mask[1:]) for s in sequences)
         opts = StepOptions(options.learning_rate, options.loss, total_tokens=total)
         parts = await self.call("train", per_rank=[{"sequences": sh, "options": opts} for sh in shards])
-        summed = {k: sum(p[k] for p in parts) for k in parts[0] if k not in ("grad_norm", "train_seconds")}
+        not_summed = ("grad_norm", "train_seconds", "gap_max")
+        summed = {k: sum(p[k] for p in parts) for k in parts[0] if k not in not_summed}
         tokens = max(summed["tokens"], 1.0)
         metrics = {
             "loss": summed["loss_sum"] / tokens,
             "grad_norm": parts[0]["grad_norm"],
             "entropy": summed["entropy_sum"] / tokens,
             "tokens": summed["tokens"],
+            # |engine - trainer| logprob of each sampled token: a mean hides rare large mismatches.
             "engine_trainer_logprob_gap": summed["gap_sum"] / max(summed["gap_tokens"], 1.0),
+            "engine_trainer_logprob_gap_max": max(p["gap_max"] for p in parts),
+            "engine_trainer_logprob_gap_over_1e-2": summed["gap_over_1e-2"],
             "train_seconds": max(p["train_seconds"] for p in parts),
         }
         if summed["kl_batches"]:
@@ -333,27 +322,13 @@ class TrainerGroup:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM each worker's process group, SIGKILL after `grace` seconds, and reap."""
-        _live.discard(self)
+        release(self)
         procs, self._procs = self._procs, []
         conns, self._conns = self._conns, []
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.close()
         for p in procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
+            stop_group(p.pid, grace, f"trainer worker {p.pid}")
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=10)
-
-
-@atexit.register
-def _stop_all() -> None:
-    for group in list(_live):
-        group.stop()

@@ -1,0 +1,612 @@
+"""Gateway: the OpenAI-compatible endpoint clients get as `base_url`, in front of the SGLang server.
+
+It runs an aiohttp server on its own thread and event loop, so a busy user loop never stalls it. For a request:
+- `model` (`name@step` or `name`) is looked up in the routing table: which adapter (or the base weights) serves
+  that policy now. An older step is served by the current policy (its weights are gone after a sync); unknown
+  names and steps not reached yet get a 404 that lists the known ones. SGLang's own request fields are dropped.
+- a chat prompt is rendered here, token-exact: earlier replies of the conversation are sent as the ids the engine
+  sampled (replies.py), the rest with the chat template; the engine gets the ids (`input_ids`).
+- logprobs are forced on; each Choice carries the engine's `prompt_token_ids` and sampled `token_ids` (as vLLM's
+  `return_token_ids` does) and `token_id:N` logprob entries. Where the request changed the logits (a grammar,
+  penalties), the sampled tokens are scored again without them, so the logprobs are the policy's.
+- the samples of a group share one prefill (warmup.py).
+- while the gate is closed (a sync or a server restart) requests wait; a request cut off by a server crash waits
+  for the server and goes again, unless it is the one that crashes it (triage.py). Bounded by `hold_timeout`.
+Counters per policy version: requests, prompt, completion and cached tokens. Only `/v1/chat/completions`,
+`/v1/completions`, `/v1/models` and `/health` exist here: no SGLang admin endpoint is reachable through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ..chat import ChatTemplate, TemplateError, token_id_from_bytes
+from ..errors import ArtSGLangError
+from .replies import Prompt, ReplyLog
+from .responses import StreamedChoice, exact_choice, logits_modified, renderable, sanitize, set_logprobs, sse_error
+from .triage import CrashTriage, Ticket
+from .warmup import PrefixWarmup, probe_body
+
+log = logging.getLogger(__name__)
+
+_ALL = object()  # wait_idle: every adapter
+
+
+class GatewayError(ArtSGLangError):
+    """The gateway's own loop did not do what was asked."""
+
+
+class _ScoringError(Exception):
+    """The engine could not score sampled tokens again (the request fails with 502)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """What serves one policy version: an adapter name on the server, or the base weights (None)."""
+
+    version: int
+    adapter: str | None
+
+
+class Gateway:
+    def __init__(
+        self,
+        upstream: str,
+        served_model: str,
+        *,
+        template: ChatTemplate | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        upstream_api_key: str | None = None,
+        hold_timeout: float = 600.0,
+        max_crashes: int = 3,
+        isolation_window: float = 10.0,
+        prefix_warmup: bool = True,
+        sibling_window: float = 0.02,
+        max_history_tokens: int = 20_000_000,
+        server_log: str | None = None,
+    ) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.served_model = served_model
+        self.replies = ReplyLog(template, max_history_tokens) if template is not None else None
+        self.host = host
+        self.port = port
+        self.api_key = api_key  # what clients must send
+        self.upstream_api_key = upstream_api_key  # what SGLang wants (SGLangConfig.api_key)
+        self.hold_timeout = hold_timeout
+        self.server_log = server_log
+        self.triage = CrashTriage(isolation_window, max_crashes)
+        self.warmup = PrefixWarmup(sibling_window) if prefix_warmup else None
+        # name -> {"current": Route, step: Route}; replaced whole on every change (readers need no lock).
+        self._routes: dict[str, dict[Any, Route]] = {}
+        self.in_flight: Counter[str | None] = Counter()  # by adapter (None: base weights)
+        self.counters: defaultdict[int, Counter[str]] = defaultdict(Counter)  # by policy version
+        self.held = 0  # requests that waited at a closed gate or were sent again
+        self._idle_waiters: list[tuple[Any, concurrent.futures.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._gate: asyncio.Event | None = None
+        self._holds = 0  # closed() blocks in progress: the gate is open when there are none
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- control, from any thread -----------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> None:
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._serve())
+            except BaseException as e:  # reported to start()
+                errors.append(e)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._shutdown())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="art-sglang-gateway", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if errors:
+            raise errors[0]
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+        self._loop = self._thread = None
+
+    def set_route(self, name: str, step: int, adapter: str | None, keep_steps: bool = False) -> None:
+        """Serve `name` and `name@step` from `adapter` (None: base weights). Older steps stop being served unless
+        `keep_steps` (an adapter still loaded for them)."""
+        route = Route(step, adapter)
+
+        def flip() -> None:
+            table = dict(self._routes.get(name, {})) if keep_steps else {}
+            table[step] = route
+            table["current"] = route
+            self._routes = {**self._routes, name: table}
+
+        self._call(flip)
+
+    def known_models(self) -> list[str]:
+        names = []
+        for name, table in self._routes.items():
+            names.append(name)
+            names += [f"{name}@{k}" for k in table if k != "current"]
+        return names
+
+    @property
+    def gate_open(self) -> bool:
+        return self._holds == 0
+
+    def close_gate(self) -> None:
+        """Hold new requests (a sync or restart is under way) until a matching open_gate()."""
+        self._call(lambda: self._hold(+1))
+
+    def open_gate(self) -> None:
+        self._call(lambda: self._hold(-1))
+
+    @contextlib.asynccontextmanager
+    async def closed(self) -> AsyncIterator[None]:
+        """Hold new requests for the duration of the block; the gate opens again however it ends. Blocks nest:
+        the gate opens when the outermost one ends."""
+        self.close_gate()
+        try:
+            yield
+        finally:
+            self.open_gate()
+
+    def _hold(self, change: int) -> None:
+        self._holds = max(0, self._holds + change)
+        if self._gate is not None:
+            self._gate.clear() if self._holds else self._gate.set()
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the gateway's loop and return its result (directly when the gateway is not running)."""
+        if self._loop is None or threading.current_thread() is self._thread:
+            return fn()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def wrapped() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
+
+        self._loop.call_soon_threadsafe(wrapped)
+        try:
+            return future.result(timeout=10)
+        except concurrent.futures.TimeoutError:
+            raise GatewayError("the gateway's event loop did not answer within 10 s") from None
+
+    def take_counters(self) -> dict[int, Counter[str]]:
+        """Counters per policy version since the last call (taken on the gateway's loop, so none is lost)."""
+
+        def take() -> dict[int, Counter[str]]:
+            out = dict(self.counters)
+            self.counters.clear()
+            return out
+
+        return self._call(take)
+
+    async def wait_drained(self, adapter: str | None, timeout: float) -> bool:
+        """Wait (on the caller's loop) until no request runs on `adapter`; False on timeout."""
+        return await self._wait_until_idle(adapter, timeout)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request runs at all; False on timeout."""
+        return await self._wait_until_idle(_ALL, timeout)
+
+    async def _wait_until_idle(self, adapter: Any, timeout: float) -> bool:
+        waiter: tuple[Any, concurrent.futures.Future[None]] = (adapter, concurrent.futures.Future())
+
+        def register() -> None:
+            self._idle_waiters.append(waiter)
+            self._wake_idle_waiters()
+
+        self._call(register)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(waiter[1]), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._call(lambda: waiter in self._idle_waiters and self._idle_waiters.remove(waiter))
+
+    def _wake_idle_waiters(self) -> None:
+        for waiter in list(self._idle_waiters):
+            adapter, future = waiter
+            busy = sum(self.in_flight.values()) if adapter is _ALL else self.in_flight[adapter]
+            if busy <= 0:
+                self._idle_waiters.remove(waiter)
+                if not future.done():
+                    future.set_result(None)
+
+    # -- the server, on the gateway's loop --------------------------------------------------------------
+    async def _serve(self) -> None:
+        self._gate = asyncio.Event()
+        self._gate.set()
+        headers = {"Authorization": f"Bearer {self.upstream_api_key}"} if self.upstream_api_key else None
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), headers=headers
+        )
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    async def _shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        sent = request.headers.get("Authorization", "").encode()
+        if self.api_key and not hmac.compare_digest(sent, f"Bearer {self.api_key}".encode()):
+            return _error(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>' (as model.openai_client() does)"
+            )
+        return None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "gate_open": self._gate.is_set()})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        data = [{"id": m, "object": "model", "owned_by": "art-sglang"} for m in self.known_models()]
+        return web.json_response({"object": "list", "data": data})
+
+    def _resolve(self, model: str | None) -> Route | None:
+        if not model:
+            return None
+        name, _, step = model.partition("@")
+        table = self._routes.get(name)
+        if table is None:
+            return None
+        if not step:
+            return table["current"]
+        try:
+            wanted = int(step)
+        except ValueError:
+            return None
+        current = table["current"]
+        if wanted in table:
+            return table[wanted]
+        # An older step (a request prepared before the last sync) goes to the current policy; the response's
+        # weight_version says which one answered. A step not reached yet is unknown.
+        return current if wanted < current.version else None
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._forward(request, "/v1/chat/completions", chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._forward(request, "/v1/completions", chat=False)
+
+    async def _prepare_chat(self, body: dict[str, Any], stream: bool) -> Prompt | None:
+        """Force logprobs and render the prompt here (token-exact history) when the conversation is text."""
+        body["logprobs"] = True
+        if not stream:
+            body["return_meta_info"] = True  # the exact sampled ids
+            body["return_prompt_token_ids"] = True
+        if self.replies is None or not renderable(body):
+            return None
+        prompt = await asyncio.to_thread(
+            self.replies.build,
+            body["messages"],
+            body.get("tools"),
+            continue_final=bool(body.get("continue_final_message")),
+            kwargs=body.get("chat_template_kwargs"),
+        )
+        body["input_ids"] = prompt.ids
+        return prompt
+
+    async def _forward(self, request: web.Request, path: str, chat: bool) -> web.StreamResponse:
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the request body is not JSON")
+        if not isinstance(body, dict):
+            return _error(400, "the request body must be a JSON object")
+        requested = body.get("model")
+        body = sanitize(body)
+        stream = bool(body.get("stream"))
+        prompt = None
+        if chat:
+            try:
+                prompt = await self._prepare_chat(body, stream)
+            except TemplateError as e:
+                return _error(400, str(e))
+        elif body.get("logprobs") is None:
+            body["logprobs"] = 0
+        if stream:
+            body.setdefault("stream_options", {})["include_usage"] = True
+        rescore = chat and not stream and logits_modified(body)
+
+        deadline = time.monotonic() + self.hold_timeout
+        ticket = Ticket(_digest({k: v for k, v in body.items() if k not in ("model", "stream", "stream_options")}))
+        try:
+            while True:
+                try:
+                    if not self._gate.is_set():
+                        self.held += 1
+                        await asyncio.wait_for(self._gate.wait(), max(0.0, deadline - time.monotonic()))
+                    await asyncio.wait_for(self.triage.turn(ticket), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    return _error(503, f"the policy server was not back within {self.hold_timeout:g} s; try again")
+                if (why := self.triage.known_to_crash(ticket)) is not None:
+                    return _error(500, self._crash_message(why))
+                # Resolved and counted in one step of this loop: a route flip (also run on this loop) cannot fall
+                # between them, so an adapter is never unloaded under a request that was routed to it.
+                route = self._resolve(requested)
+                if route is None:
+                    known = ", ".join(self.known_models()) or "none yet"
+                    return _error(404, f"model {requested!r} is not served here; known models: {known}")
+                body["model"] = self.served_model
+                if route.adapter is not None:
+                    body["lora_path"] = route.adapter
+                else:
+                    body.pop("lora_path", None)
+                self.in_flight[route.adapter] += 1
+                try:
+                    if chat and self.warmup is not None:
+                        key = (route.version, route.adapter, _digest(body.get("input_ids") or body.get("messages")))
+                        await self.warmup.before_send(key, body, functools.partial(self._probe, route=route))
+                    self.triage.sent(ticket)
+                    if stream:
+                        return await self._stream(request, path, body, route, prompt, ticket)
+                    return await self._once(path, body, route, chat, prompt, rescore)
+                except (aiohttp.ClientConnectorError, TimeoutError) as e:
+                    # The server did not take the request (down, or restarting): wait for it, then send it.
+                    log.info("gateway: the policy server is unreachable (%s); holding the request", e)
+                except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+                    why = self.triage.crashed(ticket)
+                    if why is not None:
+                        return _error(500, self._crash_message(why))
+                    log.warning("gateway: the policy server went away under a request (%s); it will go again", e)
+                except _ScoringError as e:
+                    return _error(502, str(e))
+                finally:
+                    self.in_flight[route.adapter] -= 1
+                    self._wake_idle_waiters()
+                self.held += 1
+                if not await self._wait_for_upstream(deadline):
+                    return _error(503, f"the policy server was not back within {self.hold_timeout:g} s; try again")
+        finally:
+            self.triage.done(ticket)
+
+    def _crash_message(self, why: str) -> str:
+        where = f" (its log: {self.server_log})" if self.server_log else ""
+        return f"the policy server crashed while serving this request: {why}. The server log{where} names the cause."
+
+    async def _probe(self, body: dict[str, Any], route: Route) -> None:
+        """The prefix warm-up's one-token request; its usage is counted under `warmup_*`."""
+        try:
+            async with self._session.post(f"{self.upstream}/v1/chat/completions", json=body) as r:
+                data = await r.json() if r.status == 200 else {}
+        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+            log.warning("gateway: prefix warm-up failed (%s); the request goes on without it", e)
+            return
+        usage = data.get("usage") or {}
+        c = self.counters[route.version]
+        c["warmup_requests"] += 1
+        c["warmup_prompt_tokens"] += usage.get("prompt_tokens") or 0
+        c["warmup_cached_tokens"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+    async def _wait_for_upstream(self, deadline: float) -> bool:
+        """Wait until the gate is open and SGLang answers /health (a restart is being handled elsewhere)."""
+        while time.monotonic() < deadline:
+            if self._gate.is_set():
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    async with self._session.get(f"{self.upstream}/health", timeout=aiohttp.ClientTimeout(5)) as r:
+                        if r.status == 200:
+                            return True
+            await asyncio.sleep(0.25)
+        return False
+
+    async def _once(
+        self, path: str, body: dict, route: Route, chat: bool, prompt: Prompt | None, rescore: bool
+    ) -> web.Response:
+        """One non-streamed request. n > 1 is sent as n requests of one sample each, on one route, after one
+        prefill of the prompt: SGLang 0.5.15 leaks its adapter references for n > 1 (an adapter can then never
+        be unloaded, and the server never finishes a graceful stop)."""
+        n = body.get("n") or 1
+        one = {k: v for k, v in body.items() if k != "n"}  # the body is sent again after a crash: keep it whole
+        if n > 1 and chat and self.warmup is not None:
+            await self._probe(probe_body(one), route)
+        if n == 1:
+            replies = [await self._post(path, one)]
+        else:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(self._post(path, one)) for _ in range(n)]
+            except BaseExceptionGroup as e:  # the first failure decides (a crash cuts them all)
+                raise e.exceptions[0] from None
+            replies = [t.result() for t in tasks]
+        for reply in replies:
+            if isinstance(reply, web.Response):
+                return reply
+        data = replies[0]
+        if n > 1:
+            data["choices"] = [c for r in replies for c in r.get("choices") or []]
+            for i, choice in enumerate(data["choices"]):
+                choice["index"] = i
+            data["usage"] = _summed_usage([r.get("usage") or {} for r in replies])
+        if chat:
+            choices = data.get("choices") or []
+            for choice in choices:
+                engine_prompt = choice.pop("prompt_token_ids", None) or (prompt.ids if prompt is not None else [])
+                if prompt is not None and engine_prompt != prompt.ids:
+                    log.warning("gateway: the engine reports a prompt other than the ids it was sent")
+                exact_choice(choice, engine_prompt)
+            if rescore:
+                await asyncio.gather(*(self._rescore(choice, route) for choice in choices))
+                self.counters[route.version]["rescored_requests"] += 1
+            if prompt is not None and self.replies is not None:
+                for choice in choices:
+                    self.replies.record(prompt, choice.get("message") or {}, choice["token_ids"])
+            if choices:
+                data["prompt_token_ids"] = choices[0]["prompt_token_ids"]
+        if route.adapter is not None:
+            # SGLang stamps the server-wide version at the end; the adapter this request ran on is the truth.
+            data.setdefault("metadata", {})["weight_version"] = str(route.version)
+        self._count(route, data.get("usage") or {})
+        return web.json_response(data)
+
+    async def _post(self, path: str, body: dict) -> dict | web.Response:
+        """The upstream's JSON answer, or its error as a response for the client."""
+        async with self._session.post(f"{self.upstream}{path}", json=body) as upstream:
+            raw = await upstream.read()
+            if upstream.status != 200:
+                return web.Response(body=raw, status=upstream.status, content_type="application/json")
+        return json.loads(raw)
+
+    async def _rescore(self, choice: dict[str, Any], route: Route) -> None:
+        """Replace the logprobs of a constrained sample by the policy's own: the sampled ids scored again, with
+        no grammar, penalty or bias (the prompt is in the cache, so this costs a prefill of the reply)."""
+        prompt, sampled = choice["prompt_token_ids"], choice["token_ids"]
+        if not sampled or not prompt:
+            return
+        payload: dict[str, Any] = {
+            "input_ids": prompt + sampled,
+            "sampling_params": {"max_new_tokens": 0},
+            "return_logprob": True,
+            "logprob_start_len": len(prompt) - 1,
+        }
+        if route.adapter is not None:
+            payload["lora_path"] = route.adapter
+        async with self._session.post(f"{self.upstream}/generate", json=payload) as r:
+            if r.status != 200:
+                raise _ScoringError(f"scoring the sampled tokens without the constraint failed: {await r.text()}")
+            data = await r.json()
+        scored = [entry[0] for entry in data["meta_info"]["input_token_logprobs"][1:]]
+        if len(scored) != len(sampled):
+            raise _ScoringError(f"scoring returned {len(scored)} logprobs for {len(sampled)} sampled tokens")
+        set_logprobs(choice, scored)
+
+    async def _stream(
+        self, request: web.Request, path: str, body: dict, route: Route, prompt: Prompt | None, ticket: Ticket
+    ) -> web.StreamResponse:
+        if (body.get("n") or 1) > 1:
+            return _error(400, "stream=True with n > 1 is not supported here: send n requests (or stream=False)")
+        async with self._session.post(f"{self.upstream}{path}", json=body) as upstream:
+            if upstream.status != 200:
+                return web.Response(body=await upstream.read(), status=upstream.status, content_type="application/json")
+            headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            if route.adapter is not None:
+                headers["X-Weight-Version"] = str(route.version)
+            response = web.StreamResponse(headers=headers)
+            await response.prepare(request)
+            replies: dict[int, StreamedChoice] = {}
+            completion_tokens = None
+            try:
+                async for line in upstream.content:
+                    if line.startswith(b"data: {"):
+                        chunk = json.loads(line[6:])
+                        usage = chunk.get("usage")
+                        if usage:
+                            self._count(route, usage)
+                            completion_tokens = usage.get("completion_tokens")
+                        if prompt is not None:
+                            self._annotate_chunk(chunk, prompt, replies)
+                            line = b"data: " + json.dumps(chunk).encode() + b"\n"
+                    await response.write(line)
+            except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+                # Part of the stream is with the client: it cannot be sent again, only ended with an error that
+                # says so (a clean end could be taken for a complete answer).
+                self.triage.crashed(ticket)
+                log.warning("gateway: upstream failed mid-stream (%s)", e)
+                await response.write(sse_error(502, f"the policy server failed mid-stream ({e}); the reply is cut off"))
+                return response
+            sampled = sum(len(r.ids) for r in replies.values() if r.ids is not None)
+            if self.replies is not None and prompt is not None and sampled == completion_tokens:
+                for reply in replies.values():
+                    self.replies.record(prompt, reply.message(), reply.ids)
+            await response.write_eof()
+            return response
+
+    def _annotate_chunk(self, chunk: dict[str, Any], prompt: Prompt, replies: dict[int, StreamedChoice]) -> None:
+        """Exact token ids on a streamed chunk, as vLLM streams them: `prompt_token_ids` on the first, `token_ids`
+        per choice (from each token's bytes: exact for byte-level BPE vocabularies)."""
+        if not replies:
+            chunk["prompt_token_ids"] = prompt.ids
+        tokenizer = self.replies.template.tokenizer
+        for choice in chunk.get("choices") or []:
+            entries = (choice.get("logprobs") or {}).get("content") or []
+            ids: list[int] | None = [token_id_from_bytes(tokenizer, e.get("bytes")) for e in entries]
+            if any(i is None for i in ids):
+                ids = None
+            else:
+                choice["token_ids"] = ids
+                for entry, token_id in zip(entries, ids, strict=True):
+                    entry["token"] = f"token_id:{token_id}"
+            replies.setdefault(choice.get("index", 0), StreamedChoice()).add(choice.get("delta") or {}, ids)
+
+    def _count(self, route: Route, usage: dict) -> None:
+        c = self.counters[route.version]
+        c["requests"] += 1
+        c["prompt_tokens"] += usage.get("prompt_tokens") or 0
+        c["completion_tokens"] += usage.get("completion_tokens") or 0
+        c["cached_tokens"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
+def _summed_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    cached = sum((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0 for u in usages)
+    out = {k: sum(u.get(k) or 0 for u in usages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return {**out, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _digest(value: Any) -> bytes:
+    return hashlib.blake2b(json.dumps(value, sort_keys=True).encode(), digest_size=16).digest()
+
+
+def _error(status: int, message: str) -> web.Response:
+    """An OpenAI-style error. A crash is not worth retrying: `x-should-retry: false` tells OpenAI's client so."""
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "model_not_found",
+        500: "server_crash",
+        502: "bad_gateway",
+        503: "service_unavailable",
+    }.get(status, "error")
+    headers = {"x-should-retry": "false"} if status == 500 else None
+    body = {"error": {"message": message, "type": kind, "code": status}}
+    return web.json_response(body, status=status, headers=headers)

@@ -1,0 +1,191 @@
+"""One training step, owned from start to end: persist → prepare → train and checkpoint → publish → metrics.
+
+A step either completes (the server serves step N, the trainer is at step N) or leaves the model as it was at step
+N-1: the trainer is reloaded from N-1's checkpoint, N's checkpoint (if any was written) is removed, the gate is
+open and the server serves N-1. Only the trajectories stay (`train_inputs/N.jsonl`): nothing sampled is lost, and
+the next `train()` takes step N again with exactly one update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import art
+from art import LocalTrainResult
+
+from . import paths
+from .chat import ChatTemplate
+from .errors import StepFailedError, TrainerCrashedError
+from .gateway import Gateway
+from .server import SGLangClient, SGLangServer
+from .sync import GpuTimeShare, WeightSync
+from .trainer.core import StepOptions
+from .trainer.data import prepare
+from .trainer.worker import TrainerGroup
+
+log = logging.getLogger("art_sglang")
+
+
+@dataclass
+class ModelRun:
+    """Everything started for one model, and where its policy stands."""
+
+    model: art.TrainableModel
+    model_dir: Path
+    base: Path
+    template: ChatTemplate  # the trainer's (the gateway has its own copy: tokenizers are not shared by threads)
+    trainer: TrainerGroup
+    server: SGLangServer
+    client: SGLangClient
+    gateway: Gateway
+    sync: WeightSync
+    timeshare: GpuTimeShare | None  # shared mode (one GPU)
+    step: int  # the published step: what the server serves and what the trainer holds between steps
+    merged_root: Path
+    restarts: int = 0  # of the server, after crashes
+    trainer_restarts: int = 0
+    watcher: asyncio.Task[None] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step (or crash restart) at a time
+
+    def checkpoint(self, step: int) -> Path:
+        return paths.checkpoint_dir(self.model_dir, step)
+
+
+async def train_step(
+    run: ModelRun, groups: list[Any], options: StepOptions, prep: dict[str, Any], save_checkpoint: bool
+) -> LocalTrainResult:
+    """Take step `run.step + 1` on `groups`; the caller holds `run.lock`."""
+    started = time.monotonic()
+    step = run.step + 1
+    inputs = paths.train_inputs(run.model_dir, step)
+    write_atomic(inputs, "\n".join(g.model_dump_json() for g in groups))  # before anything can fail
+    prepared = await asyncio.to_thread(prepare, groups, run.template, **prep)  # bad input: an error, nothing changed
+    rollout = rollout_metrics(run.gateway.take_counters())
+    stage, server_pid = "train", run.server.pid
+    train_metrics: dict[str, float] = {}
+    try:
+        if not run.trainer.running:  # it crashed in an earlier step: start again from the last checkpoint
+            await restart_trainer(run)
+        async with _held_until_published(run):
+            async with run.timeshare.trainer_turn() if run.timeshare else contextlib.nullcontext():
+                t0 = time.monotonic()
+                if prepared.sequences:
+                    train_metrics = await run.trainer.train(prepared.sequences, options)
+                else:
+                    log.warning("step %d: no trainable data (every group's rewards were equal); policy unchanged", step)
+                stage = "checkpoint"
+                checkpoint = await run.trainer.save_checkpoint(run.checkpoint(step), step)
+                train_seconds = time.monotonic() - t0
+                stage = "publish"  # the server gets the GPU back first
+            sync_metrics = await run.sync.publish(step, checkpoint)
+    except BaseException as e:
+        await recover(run, step, republish=stage == "publish" or run.server.pid != server_pid)
+        if not isinstance(e, Exception):
+            raise  # cancelled: the model is back at the last step; the cancellation goes on
+        what = f"step {step} failed in the {'trainer' if isinstance(e, TrainerCrashedError) else stage} stage"
+        message = (
+            f"{what}; the policy stays at step {run.step}, the trainer was reset to it and no checkpoint was kept "
+            f"for step {step}. Its trajectories are saved in {inputs}; the next train() takes step {step} again.\n"
+            f"Cause: {type(e).__name__}: {e}"
+        )
+        raise (TrainerCrashedError if isinstance(e, TrainerCrashedError) else StepFailedError)(message) from e
+    previous, run.step = run.step, step
+    if not save_checkpoint and previous > 0:
+        shutil.rmtree(run.checkpoint(previous), ignore_errors=True)
+    metrics: dict[str, float] = {**train_metrics, **rollout}
+    metrics.update({f"data/{k}": float(v) for k, v in prepared.counts.items()})
+    metrics.update({f"sync/{k}": float(v) for k, v in sync_metrics.items()})
+    metrics["time/train_s"] = train_seconds
+    metrics["time/sync_s"] = sync_metrics["sync_seconds"]
+    metrics["time/step_s"] = time.monotonic() - started
+    metrics["server/restarts"] = float(run.restarts)
+    metrics["trainer/restarts"] = float(run.trainer_restarts)
+    log.info(
+        "step %d: %s sync in %.3f s, train %.1f s, %d tokens",
+        step,
+        run.sync.method,
+        sync_metrics["sync_seconds"],
+        train_seconds,
+        int(train_metrics.get("tokens", 0)),
+    )
+    return LocalTrainResult(step=step, metrics=metrics, checkpoint_path=str(checkpoint))
+
+
+@contextlib.asynccontextmanager
+async def _held_until_published(run: ModelRun) -> AsyncIterator[None]:
+    """Shared mode: requests wait at the gateway from before the trainer takes the GPU until the new step is
+    published (meanwhile the server has no KV cache, or is not running). Elsewhere they flow on the last step."""
+    if run.timeshare is None:
+        yield
+        return
+    async with run.gateway.closed():
+        await run.gateway.wait_idle(600)
+        yield
+
+
+async def recover(run: ModelRun, failed: int, *, republish: bool) -> None:
+    """Put the model back at `run.step` after step `failed` went wrong anywhere after its inputs were saved."""
+    log.warning("art-sglang: step %d failed; going back to step %d", failed, run.step)
+    shutil.rmtree(run.checkpoint(failed), ignore_errors=True)  # it was never published
+    # A trainer that died is started again by the next train(), so that this error is not delayed by a start.
+    if run.trainer.running:  # its adapter and optimizer may hold the failed step's update
+        try:
+            await run.trainer.load_checkpoint(run.checkpoint(run.step))
+        except Exception as e:
+            log.error("art-sglang: could not reset the trainer to step %d (%s); the next step restarts it", run.step, e)
+            run.trainer.stop()
+    if republish or run.server.crash_reason() is not None:
+        await republish_current(run)
+
+
+async def republish_current(run: ModelRun) -> None:
+    """Make the server serve `run.step` again: restart it if it is down (counted), then publish."""
+    async with run.gateway.closed():
+        if run.server.crash_reason() is not None:
+            await run.server.restart()
+            run.restarts += 1
+        await run.sync.publish(run.step, run.checkpoint(run.step))
+
+
+async def restart_trainer(run: ModelRun) -> None:
+    log.warning("art-sglang: starting the trainer workers again from checkpoint %d", run.step)
+    await run.trainer.start()
+    await run.trainer.load_checkpoint(run.checkpoint(run.step))
+    if run.timeshare is not None:
+        await run.trainer.offload()  # as after start-up: the server holds the GPU between steps
+    run.trainer_restarts += 1
+
+
+def rollout_metrics(counters: dict[int, Any]) -> dict[str, float]:
+    """Gateway counters since the last step, over all policy versions (requests of the current one dominate)."""
+    keys = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "rescored_requests")
+    keys += ("warmup_requests", "warmup_prompt_tokens", "warmup_cached_tokens")
+    total = {k: float(sum(c.get(k, 0) for c in counters.values())) for k in keys}
+    out = {f"rollout/{k}": v for k, v in total.items()}
+    out["rollout/cache_hit_ratio"] = total["cached_tokens"] / total["prompt_tokens"] if total["prompt_tokens"] else 0.0
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,311 @@
+"""Agent-shaped RL through ART's API against a real SGLang server: multi-turn episodes with tool calls and tool
+results, emoji and runs of whitespace, temperature 0.7 with top_p 0.9 and temperature 1, n = 4, additional
+histories. What must hold: the trainer trains every turn in exactly the context the engine sampled it in, and the
+engine's logprobs are the policy's (|engine - trainer| < 1e-3 mean, < 1e-2 max).
+
+The server gets a test chat template (tests/templates/chatml_tools_reasoning.jinja): ChatML that renders tools as
+Qwen2.5 does and, as Qwen3 does, drops the reasoning of earlier turns, so re-rendering the history would not give
+what the engine saw. SmolLM2's tokenizer has no <tool_call> special token, so the tool-call format here is plain
+text (the `qwen25` parser, chosen from the template, reads it). SGLang's forced-call grammar for `tool_choice`
+"required" leaves the model free to answer in text on the CPU's grammar backend (llguidance; docs/known-issues.md),
+so each forced turn also sends a `regex` (SGLang's constrained decoding) that pins the call; the calls are written
+without spaces, so the template re-serializes them differently from what was sampled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import art
+import httpx
+import openai
+import pytest
+from art.trajectories import History
+from rollouts import BASE
+
+from art_sglang import SGLangBackend, SGLangConfig, TrainerConfig
+from art_sglang.trainer.data import engine_ids, prepare
+
+TEMPLATE = str(Path(__file__).parent / "templates" / "chatml_tools_reasoning.jinja")
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two integers",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"],
+            },
+        },
+    }
+]
+CALL = (
+    r"<think>[a-z]{1,6}( [a-z]{1,6})?</think>\n"
+    r'<tool_call>\n\{"name":"add","arguments":\{"a":[0-9],"b":[0-9]\}\}\n</tool_call>'
+)
+ANSWER = r"<think>[a-z]{1,6}( [a-z]{1,6})?</think>\n[0-9]{1,2}( 🙂| ✅)?"
+SYSTEM = "You are a calculator 🧮.   Call   the tool,\n\n then answer."
+
+
+def backend_for(path, **config) -> SGLangBackend:
+    values = dict(dtype="float32", max_total_tokens=16384, server_timeout=240, chat_template=TEMPLATE)
+    return SGLangBackend(
+        path=path,
+        sglang_config=SGLangConfig(**{**values, **config}),
+        trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
+    )
+
+
+async def turn(client, model, messages, *, forced: bool, n: int = 1, **sampling):
+    extra = {"regex": CALL if forced else ANSWER}
+    tool_choice = "required" if forced else "auto"
+    return await client.chat.completions.create(
+        model=model.get_inference_name(),
+        messages=messages,
+        tools=TOOLS,
+        tool_choice=tool_choice,
+        max_tokens=80,
+        n=n,
+        extra_body=extra,
+        **sampling,
+    )
+
+
+def follow(messages, items, choice) -> None:
+    """What an agent appends after a reply: the Choice (trainable) and, for each tool call, the tool's result."""
+    items.append(choice)
+    messages.append(choice.message.model_dump(exclude_none=True))
+    for call in choice.message.tool_calls or []:
+        args = json.loads(call.function.arguments)
+        result = {"role": "tool", "tool_call_id": call.id, "content": f"{args['a'] + args['b']}  ✅\n\n"}
+        messages.append(result)
+        items.append(result)
+
+
+async def episodes(model, question, *, n_first: int = 1, **sampling) -> list[art.Trajectory]:
+    """3 assistant turns: two forced tool calls (with their results), then an answer. `n_first` samples of the
+    first turn each continue as their own episode."""
+    client = model.openai_client()
+    start = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{question}  🙂\n\n   Go."}]
+    first = await turn(client, model, start, forced=True, n=n_first, **sampling)
+    assert len(first.choices) == n_first
+
+    async def rest(choice) -> art.Trajectory:
+        messages, items = list(start), list(start)
+        follow(messages, items, choice)
+        for forced in (True, False):
+            follow(messages, items, (await turn(client, model, messages, forced=forced, **sampling)).choices[0])
+        return art.Trajectory(messages_and_choices=items, tools=TOOLS)
+
+    return list(await asyncio.gather(*(rest(c) for c in first.choices)))
+
+
+def group(trajectories: list[art.Trajectory]) -> art.TrajectoryGroup:
+    """Distinct rewards, so that every trajectory has an advantage and trains (what is tested is the data path)."""
+    for i, trajectory in enumerate(trajectories):
+        trajectory.reward = float(i)
+    return art.TrajectoryGroup(trajectories)
+
+
+def trained_turns_are_exact(groups, template) -> tuple[int, int]:
+    """Every trained Choice sits in a training sequence right after exactly the prompt the engine was given, with
+    exactly its sampled ids; returns (turns checked, sequences)."""
+    prepared = prepare(groups, template)
+    checked = 0
+    for g in groups:
+        for trajectory in g.trajectories:
+            histories = [trajectory.messages_and_choices]
+            histories += [h.messages_and_choices for h in trajectory.additional_histories]
+            for items in histories:
+                for k, item in enumerate(i for i in items if hasattr(i, "logprobs")):
+                    prompt, sampled = engine_ids(item)
+                    whole = prompt + sampled
+                    found = [s for s in prepared.sequences if s.token_ids[: len(whole)] == whole]
+                    assert found, f"turn {k}: no training sequence holds its engine prompt and sampled ids"
+                    mask = found[0].mask
+                    assert all(mask[len(prompt) : len(whole)]) and not mask[len(prompt) - 1]
+                    checked += 1
+    assert prepared.counts["context_mismatch_tokens"] == 0
+    assert prepared.counts["contexts_from_template"] == 0
+    return checked, len(prepared.sequences)
+
+
+def history_breaks(trajectory, template) -> list[str]:
+    """Where a turn's prompt does not extend the previous turn's prompt and reply (for failure messages)."""
+    breaks, previous = [], None
+    for k, choice in enumerate(i for i in trajectory.messages_and_choices if hasattr(i, "logprobs")):
+        prompt, sampled = engine_ids(choice)
+        if previous is not None and prompt[: len(previous)] != previous:
+            at = next((i for i, (a, b) in enumerate(zip(prompt, previous, strict=False)) if a != b), len(previous))
+            text = template.tokenizer.decode
+            seen, given = text(previous[at - 15 : at + 15]), text(prompt[at - 15 : at + 15])
+            breaks.append(f"turn {k} at token {at}: {seen!r} became {given!r}")
+        previous = prompt + sampled
+    return breaks
+
+
+async def logprob_gaps(run, groups) -> list[float]:
+    sequences = prepare(groups, run.template).sequences
+    trainer = await run.trainer.logprobs(sequences)
+    return [
+        abs(engine - ours)
+        for s, lps in zip(sequences, trainer, strict=True)
+        for engine, ours in zip([lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m], lps, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+async def agent(tmp_path_factory):
+    model = art.TrainableModel(name="agent", project="tests", base_model=BASE)
+    backend = backend_for(tmp_path_factory.mktemp("agents"))
+    await model.register(backend)
+    yield model, backend, backend.model_run(model)
+    await backend.close()
+
+
+@pytest.fixture(scope="module")
+async def rollouts(agent):
+    model, _, _ = agent
+    cold = await episodes(model, "What is 2 + 3?", temperature=0.7, top_p=0.9)  # the first grammar compiles slowly
+    warm = await asyncio.gather(
+        *(episodes(model, "What is 2 + 3?", temperature=0.7, top_p=0.9) for _ in range(3)),
+        *(episodes(model, "What is 4 + 1?", temperature=1.0) for _ in range(4)),
+    )
+    nucleus = group(cold + [t for ts in warm[:3] for t in ts])
+    full = group([t for ts in warm[3:] for t in ts])
+    sampled_n = group(await episodes(model, "What is 3 + 3?", n_first=4, temperature=0.7, top_p=0.9))
+    return {"nucleus": nucleus, "full": full, "n4": sampled_n}
+
+
+async def test_tool_calls_come_back_as_openai_objects_and_results_go_in_the_next_turn(rollouts):
+    for g in rollouts.values():
+        for trajectory in g.trajectories:
+            choices = [i for i in trajectory.messages_and_choices if hasattr(i, "logprobs")]
+            assert len(choices) == 3
+            for choice in choices[:2]:
+                assert choice.finish_reason == "tool_calls"
+                (call,) = choice.message.tool_calls
+                assert call.function.name == "add" and set(json.loads(call.function.arguments)) == {"a", "b"}
+            assert choices[2].message.tool_calls is None
+            tools = [i for i in trajectory.messages_and_choices if isinstance(i, dict) and i["role"] == "tool"]
+            assert len(tools) == 2 and all("✅" in t["content"] for t in tools)
+
+
+async def test_every_trained_turn_is_in_the_engines_context(rollouts, agent):
+    _, _, run = agent
+    groups = list(rollouts.values())
+    checked, sequences = trained_turns_are_exact(groups, run.template)
+    trajectories = sum(len(g.trajectories) for g in groups)
+    assert checked == 3 * trajectories
+    # Each episode's history was token-exact: one sequence each, no split.
+    breaks = [b for g in groups for t in g.trajectories for b in history_breaks(t, run.template)]
+    assert sequences == trajectories and not breaks, breaks
+    # The case is a hard one: re-rendering turn 2's history with the template gives another context.
+    t = rollouts["nucleus"].trajectories[0]
+    second = [i for i in t.messages_and_choices if hasattr(i, "logprobs")][1]
+    history = art.Trajectory(messages_and_choices=t.messages_and_choices[: t.messages_and_choices.index(second)])
+    rendered = run.template.render(history.messages(), TOOLS, add_generation_prompt=True)
+    assert rendered != engine_ids(second)[0]
+
+
+@pytest.mark.parametrize("name", ["nucleus", "full", "n4"])
+async def test_engine_logprobs_are_the_policys(rollouts, agent, name):
+    # Constrained turns (regex) are scored again without the grammar; every sampled token counts here.
+    gaps = await logprob_gaps(agent[2], [rollouts[name]])
+    assert len(gaps) > 100
+    assert sum(gaps) / len(gaps) < 1e-3 and max(gaps) < 1e-2, (sum(gaps) / len(gaps), max(gaps))
+
+
+async def test_a_step_trains_on_episodes_and_additional_histories_and_syncs(rollouts, agent):
+    model, backend, run = agent
+    client = model.openai_client()
+    summary = await client.chat.completions.create(
+        model=model.get_inference_name(), messages=[{"role": "user", "content": "Summarize: 2 + 3 = 5."}], max_tokens=8
+    )
+    with_history = rollouts["full"].trajectories[0]
+    with_history.additional_histories = [
+        History(messages_and_choices=[{"role": "user", "content": "Summarize: 2 + 3 = 5."}, summary.choices[0]])
+    ]
+    result = await backend.train(model, list(rollouts.values()), learning_rate=1e-4)
+    m = result.metrics
+    assert result.step == 1
+    assert m["data/context_mismatch_tokens"] == 0 and m["data/histories_split"] == 0
+    assert m["data/additional_histories"] == 1
+    assert m["data/sequences"] == m["data/trajectories_used"] + 1  # the additional history is a sequence too
+    assert m["engine_trainer_logprob_gap"] < 1e-3 and m["engine_trainer_logprob_gap_max"] < 1e-2, m
+    assert m["engine_trainer_logprob_gap_over_1e-2"] == 0
+    after = await turn(client, model, [{"role": "user", "content": "1 + 1?"}], forced=True)
+    assert after.model_extra["metadata"]["weight_version"] == "1"
+
+
+async def test_a_streamed_tool_call_arrives_as_tool_calls(agent):
+    model, _, _ = agent
+    stream = await model.openai_client().chat.completions.create(
+        model=model.get_inference_name(),
+        messages=[{"role": "user", "content": "What is 2 + 2?"}],
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=48,
+        stream=True,
+        extra_body={"regex": CALL},
+    )
+    calls, ids, prompt = [], [], None
+    async for chunk in stream:
+        prompt = prompt or (chunk.model_extra or {}).get("prompt_token_ids")
+        for choice in chunk.choices:
+            calls += choice.delta.tool_calls or []
+            ids += (choice.model_extra or {}).get("token_ids") or []
+    assert calls and calls[0].function.name == "add"
+    assert prompt and ids  # the exact ids, as vLLM streams them
+
+
+async def test_structured_output_is_answered_and_the_server_stays_up(agent):
+    model, _, run = agent
+    pid, restarts = run.server.pid, run.restarts
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    r = await model.openai_client().chat.completions.create(
+        model=model.get_inference_name(),
+        messages=[{"role": "user", "content": "2 + 3? Reply in JSON."}],
+        max_tokens=24,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+    )
+    assert r.choices[0].message.content.lstrip().startswith("{")
+    assert run.server.pid == pid and run.restarts == restarts and run.server.running
+
+
+async def test_a_request_that_crashes_the_server_fails_alone_and_the_rest_carry_on(tmp_path):
+    """A known server-killer: xgrammar (SGLang's default grammar backend) on the CPU dies on any constrained
+    request. It crashes the server once with the others, once alone, then fails with a clear error."""
+    model = art.TrainableModel(name="crashy", project="tests", base_model=BASE)
+    async with backend_for(tmp_path, grammar_backend="xgrammar") as backend:
+        await model.register(backend)
+        run = backend.model_run(model)
+        client = model.openai_client()
+
+        async def plain(i: int):
+            return await client.chat.completions.create(
+                model=model.get_inference_name(),
+                messages=[{"role": "user", "content": f"Count to {i}."}],
+                max_tokens=24,
+                extra_body={"ignore_eos": True},
+            )
+
+        others = [asyncio.create_task(plain(i)) for i in range(4)]
+        await asyncio.sleep(0.5)
+        with pytest.raises(openai.InternalServerError, match="crashes the policy server, so it is not sent again"):
+            await client.chat.completions.create(
+                model=model.get_inference_name(),
+                messages=[{"role": "user", "content": "JSON please."}],
+                max_tokens=8,
+                response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}},
+            )
+        answers = await asyncio.gather(*others)
+        assert all(a.choices[0].message.content for a in answers)
+        assert run.restarts == 2 and run.server.running
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{run.server.base_url}/health", timeout=30)).status_code == 200
+        assert (await plain(1)).choices[0].message.content

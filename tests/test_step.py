@@ -1,0 +1,143 @@
+"""A training step is all or nothing: a failure at any stage after the trajectories are saved leaves the model at
+its last step (trainer reset, failed checkpoint removed, gate open, the server serving the last step, proven by its
+logprobs), and the next train() takes the step again with exactly one optimizer update.
+
+Real SGLang server and trainer on this CPU. Failures a real server cannot be made to produce on demand (an adapter
+load refused, a checkpoint write failing, a resume failing) are injected by replacing one call for one use: each is
+named `fake_*` below. The server killed during the sync is real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import art
+import pytest
+import torch
+from rollouts import BASE, gather, make_backend, rollout, served_gap
+
+from art_sglang import SGLangAPIError, StepFailedError
+from art_sglang.config import Placement
+from art_sglang.tasks import ONE_WORD_QUESTIONS
+
+
+def optimizer_updates(run, step: int) -> int:
+    """How many optimizer steps the checkpoint of `step` has taken, from its saved AdamW state."""
+    state = torch.load(run.checkpoint(step) / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    return int(next(iter(state.values()))["step"])
+
+
+def fail_once(obj, name: str, error: BaseException) -> None:
+    """Make `obj.name` raise `error` on its next call only (an injected failure)."""
+    original = getattr(obj, name)
+
+    async def fake(*args, **kwargs):
+        setattr(obj, name, original)
+        raise error
+
+    setattr(obj, name, fake)
+
+
+async def assert_back_at(backend, model, step: int) -> None:
+    run = backend.model_run(model)
+    assert run.step == step and model.get_inference_name() == f"{model.name}@{step}"
+    assert not run.checkpoint(step + 1).exists()
+    assert run.gateway.gate_open  # requests flow
+    after = await rollout(model, ONE_WORD_QUESTIONS[1])
+    assert after.metadata["weight_version"] == str(step)
+    mean, worst = await served_gap(backend, model)  # the server serves exactly the trainer's step
+    assert mean < 1e-3 and worst < 1e-2, (mean, worst)
+
+
+async def retry_takes_one_update(backend, model, groups, step: int) -> None:
+    result = await backend.train(model, groups, learning_rate=1e-4)
+    assert result.step == step
+    assert optimizer_updates(backend.model_run(model), step) == step  # the failed attempt left no update behind
+
+
+@pytest.fixture(scope="module")
+async def live(tmp_path_factory):
+    model = art.TrainableModel(name="atomic", project="tests", base_model=BASE)
+    backend = make_backend(tmp_path_factory.mktemp("atomic"))
+    await model.register(backend)
+    groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)
+    for i, t in enumerate(t for g in groups for t in g.trajectories):
+        t.reward = float(i % 2)  # every group trains
+    yield backend, model, groups
+    await backend.close()
+
+
+async def test_adapter_load_refused(live):
+    backend, model, groups = live
+    run = backend.model_run(model)
+    step = run.step
+    fake_refusal = SGLangAPIError("/load_lora_adapter", 400, "injected: adapter refused")
+    fail_once(run.client, "load_lora_adapter", fake_refusal)
+    with pytest.raises(StepFailedError, match=rf"(?s)step {step + 1} failed in the publish stage.*injected"):
+        await backend.train(model, groups, learning_rate=1e-4)
+    await assert_back_at(backend, model, step)
+    await retry_takes_one_update(backend, model, groups, step + 1)
+
+
+async def test_checkpoint_write_fails(live):
+    backend, model, groups = live
+    run = backend.model_run(model)
+    step = run.step
+    fail_once(run.trainer, "save_checkpoint", OSError(28, "injected: No space left on device"))
+    with pytest.raises(StepFailedError, match=rf"(?s)step {step + 1} failed in the checkpoint stage.*No space"):
+        await backend.train(model, groups, learning_rate=1e-4)
+    await assert_back_at(backend, model, step)
+    await retry_takes_one_update(backend, model, groups, step + 1)
+
+
+async def test_server_killed_during_the_sync(live):
+    backend, model, groups = live
+    run = backend.model_run(model)
+    step, restarts = run.step, run.restarts
+    publish = run.sync.publish
+
+    async def killed_first(*args, **kwargs):
+        run.sync.publish = publish
+        os.killpg(run.server.pid, signal.SIGKILL)  # the whole server, as the sync begins
+        await asyncio.sleep(0.2)
+        return await publish(*args, **kwargs)
+
+    run.sync.publish = killed_first
+    with pytest.raises(StepFailedError, match=rf"(?s)step {step + 1} failed in the publish stage.*ServerUnreachable"):
+        await backend.train(model, groups, learning_rate=1e-4)
+    assert run.server.crash_reason() is None and run.restarts == restarts + 1  # restarted once, by the step
+    await assert_back_at(backend, model, step)
+    await asyncio.sleep(1.5)  # the crash watcher must not restart it a second time
+    assert run.restarts == restarts + 1
+    await retry_takes_one_update(backend, model, groups, step + 1)
+
+
+async def test_two_train_calls_at_once_run_one_after_the_other(live):
+    backend, model, groups = live
+    step = backend.model_run(model).step
+    first, second = await asyncio.gather(
+        backend.train(model, groups, learning_rate=1e-4), backend.train(model, groups, learning_rate=1e-4)
+    )
+    assert sorted([first.step, second.step]) == [step + 1, step + 2]
+    assert optimizer_updates(backend.model_run(model), step + 2) == step + 2
+
+
+async def test_shared_mode_resume_fails(tmp_path):
+    """Shared mode's stop/start time-share on this CPU: the server fails to come back after the trainer's turn."""
+    model = art.TrainableModel(name="shared-atomic", project="tests", base_model=BASE)
+    backend = make_backend(tmp_path)
+    backend.placement = Placement("shared", None, [], "forced for this test")
+    async with backend:
+        await model.register(backend)
+        run = backend.model_run(model)
+        groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)
+        for i, t in enumerate(t for g in groups for t in g.trajectories):
+            t.reward = float(i % 2)
+        fail_once(run.server, "start", RuntimeError("injected: the server did not come back"))
+        with pytest.raises(StepFailedError, match="(?s)step 1 failed in the publish stage.*did not come back"):
+            await backend.train(model, groups, learning_rate=1e-4)
+        assert run.server.running
+        await assert_back_at(backend, model, 0)
+        await retry_takes_one_update(backend, model, groups, 1)
