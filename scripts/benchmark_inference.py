@@ -159,13 +159,15 @@ async def one_request(
         "stream_options": {"include_usage": True},
     }
     t0 = time.perf_counter()
-    ttft, usage, text = None, {}, []
+    ttft, usage, text, prompt_ids, sampled = None, {}, [], None, []
     async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             data = json.loads(line[6:])
+            prompt_ids = prompt_ids or data.get("prompt_token_ids")  # our gateway's exact ids, as vLLM streams them
+            sampled += (data["choices"][0].get("token_ids") or []) if data.get("choices") else []
             delta = data["choices"][0].get("delta", {}).get("content") if data.get("choices") else None
             if delta:
                 text.append(delta)
@@ -179,6 +181,7 @@ async def one_request(
         "completion": usage.get("completion_tokens", 0),
         "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
         "text": "".join(text),
+        "ids": (prompt_ids, sampled) if prompt_ids else None,
     }
 
 
@@ -186,10 +189,16 @@ async def episode(
     client: httpx.AsyncClient, url: str, model: str, messages: list[dict], turns: int, tokens: int, seed: int
 ) -> list[dict]:
     """One sample: `turns` requests, each extending the conversation of the one before."""
-    out = []
+    out, previous = [], None
     for turn in range(turns):
         r = await one_request(client, url, model, messages, tokens, seed + turn)
         messages = [*messages, {"role": "assistant", "content": r.pop("text")}, {"role": "user", "content": FOLLOW_UP}]
+        ids = r.pop("ids")
+        if ids is not None and previous is not None:  # how much of this prompt the last turn's tokens could give
+            r["reusable"] = next(
+                (i for i, (a, b) in enumerate(zip(ids[0], previous, strict=False)) if a != b), len(previous)
+            )
+        previous = ids[0] + ids[1] if ids is not None else None
         out.append({**r, "turn": turn})
     return out
 
@@ -213,6 +222,7 @@ async def run_workload(
     prompt, cached = sum(r["prompt"] for r in results), sum(r["cached"] for r in results)
     later = [r for r in results if r["turn"] > 0]
     later_prompt = sum(r["prompt"] for r in later)
+    reusable = sum(r.get("reusable", 0) for r in later)
     return {
         "wall_s": wall,
         "output_tok_s": sum(r["completion"] for r in results) / wall,
@@ -224,6 +234,10 @@ async def run_workload(
         "cached_tokens": cached,
         "hit_ratio": cached / prompt if prompt else 0.0,
         "later_turns_hit_ratio": sum(r["cached"] for r in later) / later_prompt if later_prompt else float("nan"),
+        # Turns 2+: the share of the prompt that is the previous turn's exact tokens (the most a cache can give),
+        # and of that, what was served from the cache. Known where the responses carry token ids (our gateway).
+        "later_turns_reusable_share": reusable / later_prompt if reusable else float("nan"),
+        "later_turns_hit_of_reusable": sum(r["cached"] for r in later) / reusable if reusable else float("nan"),
     }
 
 
@@ -303,14 +317,15 @@ async def main() -> None:
         results["engines"][engine] = {"median": median_of(runs), "runs": runs}
     print(
         f"\n{'engine':<17} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} "
-        f"{'prompt':>7} {'cached':>7} {'hit':>5} {'hit 2+':>6}"
+        f"{'prompt':>7} {'cached':>7} {'hit':>5} {'hit 2+':>6} {'reusable 2+':>11}"
     )
     for engine, r in results["engines"].items():
         m = r["median"]
         print(
             f"{engine:<17} {m['output_tok_s']:>7.1f} {m['ttft_p50_s']:>9.2f} {m['ttft_p99_s']:>9.2f} "
             f"{m['latency_p50_s']:>8.2f} {m['latency_p99_s']:>8.2f} {m['prompt_tokens']:>7.0f} "
-            f"{m['cached_tokens']:>7.0f} {m['hit_ratio']:>5.0%} {m['later_turns_hit_ratio']:>6.0%}"
+            f"{m['cached_tokens']:>7.0f} {m['hit_ratio']:>5.0%} {m['later_turns_hit_ratio']:>6.0%} "
+            f"{m['later_turns_reusable_share']:>11.1%}"
         )
     e = results["engines"]
     for a, b in (("sglang", "vllm"), ("gateway", "sglang"), ("gateway-nowarmup", "sglang")):

@@ -51,7 +51,6 @@ async def trained(art_path):
             record["logprob_gap"] = sum(diffs) / len(diffs)
         result = await backend.train(model, groups, learning_rate=2e-4)
         record["results"].append(result)
-        record["served_gaps"].append(await served_gap(backend, model, questions=2))
         # The first prefill under the new policy of a prompt cached under the old one.
         after = await rollout(model, questions[0])
         run = backend.model_run(model)
@@ -67,6 +66,7 @@ async def trained(art_path):
                 "current_adapter": run.sync.current,
             }
         )
+        record["served_gaps"].append(await served_gap(backend, model, questions=2))  # after the cache check
     yield record
     await backend.close()
 

@@ -50,10 +50,13 @@ def tool_call_parser_for(template: str) -> str | None:
 
 
 def normalize_message(message: dict[str, Any]) -> dict[str, Any]:
-    """What templates expect, as SGLang passes it: content never None, tool-call arguments as objects."""
+    """What templates expect, as SGLang passes it: content a string (text parts joined with spaces), tool-call
+    arguments as objects."""
     out = dict(message)
     if out.get("content") is None:
         out["content"] = ""
+    elif isinstance(out["content"], list):
+        out["content"] = " ".join(p.get("text", "") for p in out["content"] if isinstance(p, dict))
     if out.get("role") == "assistant" and isinstance(out.get("tool_calls"), list):
         calls = []
         for call in out["tool_calls"]:

@@ -413,8 +413,8 @@ class Gateway:
             self.triage.done(ticket)
 
     def _crash_message(self, why: str) -> str:
-        where = f" (its log: {self.server_log})" if self.server_log else ""
-        return f"the policy server crashed while serving this request: {why}. The server log{where} names the cause."
+        where = f" ({self.server_log})" if self.server_log else ""
+        return f"the policy server crashed while serving this request: {why}. The server log{where} has the cause."
 
     async def _probe(self, body: dict[str, Any], route: Route) -> None:
         """The prefix warm-up's one-token request; its usage is counted under `warmup_*`."""

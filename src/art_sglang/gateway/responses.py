@@ -62,12 +62,16 @@ def logits_modified(body: dict[str, Any]) -> bool:
 
 
 def renderable(body: dict[str, Any]) -> bool:
-    """Text-only conversations are rendered by the gateway (images and audio are left to the server)."""
-    for message in body.get("messages") or []:
-        content = message.get("content") if isinstance(message, dict) else None
+    """Text-only conversations are rendered by the gateway (images and audio, or anything malformed, are left to
+    the server, which says what is wrong)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        return False
+    for message in messages:
+        content = message.get("content")
         if isinstance(content, list) and any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
             return False
-    return isinstance(body.get("messages"), list) and bool(body["messages"])
+    return True
 
 
 def exact_choice(choice: dict[str, Any], prompt_ids: list[int]) -> list[int]:
