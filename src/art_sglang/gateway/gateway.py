@@ -577,7 +577,10 @@ class Gateway:
                 choice["token_ids"] = ids
                 for entry, token_id in zip(entries, ids, strict=True):
                     entry["token"] = f"token_id:{token_id}"
-            replies.setdefault(choice.get("index", 0), StreamedChoice()).add(choice.get("delta") or {}, ids)
+            reply = replies.setdefault(choice.get("index", 0), StreamedChoice())
+            reply.add(choice.get("delta") or {}, ids)
+            if choice.get("finish_reason") == "stop" and isinstance(choice.get("matched_stop"), int):
+                reply.add({}, [choice["matched_stop"]])  # the stop token: sampled, but streamed with no entry
 
     def _count(self, route: Route, usage: dict) -> None:
         c = self.counters[route.version]
