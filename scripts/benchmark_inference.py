@@ -6,6 +6,8 @@ every engine does the same work. With `--turns N` each sample is an agent-like e
 the whole conversation so far (the previous replies and a follow-up user message) as soon as the previous turn
 ends. The prefix cache is flushed before each run. Reported: output tokens/s, time to first token and request
 latency (p50/p99), prompt tokens, cached prompt tokens and the hit ratio (also for turns 2..N alone).
+`--no-stream` sends plain requests: under ignore_eos a stream gives no token for special tokens sampled mid-reply,
+so only a non-streamed reply lets the gateway keep every later turn's history token-exact.
 
 Engines: `sglang` and `vllm` direct; `gateway` is SGLang behind our gateway as the backend runs it (prompts rendered
 by the gateway with token-exact history, prefix warm-up of each group's prompt on); `gateway-nowarmup` the same with
@@ -146,34 +148,43 @@ class VLLMServer:
 
 
 async def one_request(
-    client: httpx.AsyncClient, url: str, model: str, messages: list[dict], tokens: int, seed: int
+    client: httpx.AsyncClient, url: str, model: str, messages: list[dict], tokens: int, seed: int, stream: bool
 ) -> dict:
     body = {
         "model": model,
         "messages": messages,
         "max_tokens": tokens,
         "temperature": 1.0,
-        "stream": True,
+        "stream": stream,
         "ignore_eos": True,
         "seed": seed,
-        "stream_options": {"include_usage": True},
     }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     t0 = time.perf_counter()
     ttft, usage, text, prompt_ids, sampled = None, {}, [], None, []
-    async with client.stream("POST", url, json=body) as r:
+    if not stream:  # the time to first token is the latency
+        r = await client.post(url, json=body)
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            data = json.loads(line[6:])
-            prompt_ids = prompt_ids or data.get("prompt_token_ids")  # our gateway's exact ids, as vLLM streams them
-            sampled += (data["choices"][0].get("token_ids") or []) if data.get("choices") else []
-            delta = data["choices"][0].get("delta", {}).get("content") if data.get("choices") else None
-            if delta:
-                text.append(delta)
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-            usage = data.get("usage") or usage
+        data = r.json()
+        choice, usage = data["choices"][0], data.get("usage") or {}
+        text, prompt_ids = [choice["message"]["content"] or ""], choice.get("prompt_token_ids")
+        sampled = choice.get("token_ids") or []
+    else:
+        async with client.stream("POST", url, json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                data = json.loads(line[6:])
+                prompt_ids = prompt_ids or data.get("prompt_token_ids")  # our gateway's exact ids, as vLLM streams
+                sampled += (data["choices"][0].get("token_ids") or []) if data.get("choices") else []
+                delta = data["choices"][0].get("delta", {}).get("content") if data.get("choices") else None
+                if delta:
+                    text.append(delta)
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                usage = data.get("usage") or usage
     return {
         "ttft": ttft or time.perf_counter() - t0,
         "latency": time.perf_counter() - t0,
@@ -186,12 +197,19 @@ async def one_request(
 
 
 async def episode(
-    client: httpx.AsyncClient, url: str, model: str, messages: list[dict], turns: int, tokens: int, seed: int
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    messages: list[dict],
+    turns: int,
+    tokens: int,
+    seed: int,
+    stream: bool,
 ) -> list[dict]:
     """One sample: `turns` requests, each extending the conversation of the one before."""
     out, previous = [], None
     for turn in range(turns):
-        r = await one_request(client, url, model, messages, tokens, seed + turn)
+        r = await one_request(client, url, model, messages, tokens, seed + turn, stream)
         messages = [*messages, {"role": "assistant", "content": r.pop("text")}, {"role": "user", "content": FOLLOW_UP}]
         ids = r.pop("ids")
         if ids is not None and previous is not None:  # how much of this prompt the last turn's tokens could give
@@ -204,7 +222,14 @@ async def episode(
 
 
 async def run_workload(
-    base: str, model: str, prompts: list[list[dict]], group: int, tokens: int, flush: str | None, turns: int = 1
+    base: str,
+    model: str,
+    prompts: list[list[dict]],
+    group: int,
+    tokens: int,
+    flush: str | None,
+    turns: int = 1,
+    stream: bool = True,
 ) -> dict:
     async with httpx.AsyncClient(timeout=1800) as client:
         if flush:
@@ -212,7 +237,7 @@ async def run_workload(
         t0 = time.perf_counter()
         url = f"{base}/v1/chat/completions"
         episodes = [
-            episode(client, url, model, m, turns, tokens, seed=(i * 100 + j) * 10)
+            episode(client, url, model, m, turns, tokens, (i * 100 + j) * 10, stream)
             for i, m in enumerate(prompts)
             for j in range(group)
         ]
@@ -269,7 +294,9 @@ async def bench_engine(engine: str, model: Path, args: argparse.Namespace, logs:
         await run_workload(base, name, prompts[:1], 1, 4, None)  # warm-up
         runs = []
         for i in range(args.runs):
-            r = await run_workload(base, name, prompts, args.group_size, args.max_tokens, flush, args.turns)
+            r = await run_workload(
+                base, name, prompts, args.group_size, args.max_tokens, flush, args.turns, not args.no_stream
+            )
             print(
                 f"  {engine} run {i + 1}: {r['output_tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_s']:.2f} s, "
                 f"hit {r['hit_ratio']:.0%}",
@@ -298,6 +325,11 @@ async def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (turn)")
     p.add_argument("--turns", type=int, default=1, help="turns per episode (agent-like multi-turn when > 1)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="plain (non-streamed) requests; the time to first token is then the latency",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()

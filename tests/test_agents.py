@@ -242,25 +242,44 @@ async def test_a_step_trains_on_episodes_and_additional_histories_and_syncs(roll
     assert after.model_extra["metadata"]["weight_version"] == "1"
 
 
-async def test_a_streamed_tool_call_arrives_as_tool_calls(agent):
+async def test_a_streamed_tool_call_arrives_as_tool_calls_and_its_history_stays_exact(agent):
     model, _, _ = agent
-    stream = await model.openai_client().chat.completions.create(
+    client = model.openai_client()
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    stream = await client.chat.completions.create(
         model=model.get_inference_name(),
-        messages=[{"role": "user", "content": "What is 2 + 2?"}],
+        messages=messages,
         tools=TOOLS,
         tool_choice="required",
         max_tokens=48,
         stream=True,
         extra_body={"regex": CALL},
     )
-    calls, ids, prompt = [], [], None
+    content, calls, ids, prompt, finish = "", {}, [], None, None
     async for chunk in stream:
         prompt = prompt or (chunk.model_extra or {}).get("prompt_token_ids")
         for choice in chunk.choices:
-            calls += choice.delta.tool_calls or []
+            content += choice.delta.content or ""
+            for d in choice.delta.tool_calls or []:
+                call = calls.setdefault(
+                    d.index, {"id": d.id, "type": "function", "function": {"name": "", "arguments": ""}}
+                )
+                call["function"]["name"] += d.function.name or ""
+                call["function"]["arguments"] += d.function.arguments or ""
             ids += (choice.model_extra or {}).get("token_ids") or []
-    assert calls and calls[0].function.name == "add"
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls" and calls[0]["function"]["name"] == "add" and calls[0]["id"]
     assert prompt and ids  # the exact ids, as vLLM streams them
+    # The next turn's prompt extends this one's prompt and sampled ids: the streamed reply was recorded (its stop
+    # token, streamed with no entry, included), so the gateway did not re-render it from text.
+    args = json.loads(calls[0]["function"]["arguments"])
+    messages += [
+        {"role": "assistant", "content": content, "tool_calls": list(calls.values())},
+        {"role": "tool", "tool_call_id": calls[0]["id"], "content": str(args["a"] + args["b"])},
+    ]
+    after = await turn(client, model, messages, forced=False)
+    prompt_after = after.choices[0].model_extra["prompt_token_ids"]
+    assert prompt_after[: len(prompt) + len(ids)] == prompt + ids
 
 
 async def test_structured_output_is_answered_and_the_server_stays_up(agent):

@@ -111,6 +111,8 @@ class StreamedChoice:
             self.content.append(delta["content"])
         for call in delta.get("tool_calls") or []:
             slot = self.calls.setdefault(call.get("index", 0), {"function": {"name": "", "arguments": ""}})
+            if call.get("id"):  # the first chunk of a call carries its id, which clients send back
+                slot["id"], slot["type"] = call["id"], call.get("type") or "function"
             function = call.get("function") or {}
             slot["function"]["name"] += function.get("name") or ""
             slot["function"]["arguments"] += function.get("arguments") or ""
