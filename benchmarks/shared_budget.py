@@ -5,8 +5,9 @@ KV cache and CUDA graphs), so the server's weights and the trainer's peak must f
 Qwen2.5-1.5B's and Qwen2.5-7B's shapes (random weights, bf16, LoRA rank 16 on all linear layers, fp32 adapters
 and AdamW state) this measures: the weights' size (= the server's copy), the trainer's peak GPU memory during one
 step at a given micro-batch size, offload and reload times, and the time from the end of the optimizer step to
-an adapter the server can load: the full checkpoint (adapter + optimizer state), the adapter alone written as
-safetensors, and the adapter's tensors copied to host memory.
+an adapter the server can load: the payload the `lora` sync sends to `/load_lora_adapter_from_tensors`
+(`PolicyTrainer.adapter_payload`: one device-to-host copy, pickled), and for comparison the full checkpoint
+(adapter + optimizer state), the adapter alone written as safetensors, and the adapter copied tensor by tensor.
 
     python benchmarks/shared_budget.py --out results.json        # on a GPU machine
     python benchmarks/shared_budget.py --tiny --device cpu       # a smoke test of the script itself
@@ -125,6 +126,8 @@ def measure(shape: str, args: argparse.Namespace, root: Path) -> dict:
         out["full_checkpoint_s"] = median_time(functools.partial(trainer.save_checkpoint, ckpt, 1), device)
         out["load_checkpoint_s"] = median_time(functools.partial(trainer.load_checkpoint, ckpt), device)
         state = lambda: {n: p.detach().to("cpu", torch.float32) for n, p in adapter.items()}  # noqa: E731
+        out["adapter_payload_s"] = median_time(trainer.adapter_payload, device)
+        out["adapter_payload_mb"] = len(trainer.adapter_payload()["tensors"]) / 1e6
         out["adapter_to_host_s"] = median_time(state, device)
         out["adapter_safetensors_s"] = median_time(lambda: save_file(state(), str(Path(tmp) / "a.safetensors")), device)
     probe = make_batch(1, 256, vocab, seed=2)

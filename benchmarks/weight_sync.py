@@ -1,7 +1,7 @@
 """Weight-sync latency: from "the trainer finished the step" to "the new policy generated its first token".
 
 For each method, a real SGLangBackend on SmolLM2-135M-Instruct takes small RL steps; each step's sync time
-(from the backend's metrics: checkpoint saved -> new policy routed) plus the time to first token of a streamed
+(from the backend's metrics: optimizer stepped -> new policy routed; the checkpoint is written after) plus the time to first token of a streamed
 request sent right after (which must report the new weight_version) is one sample. Then the same under load:
 64 requests in flight while a step syncs; their errors (must be 0) and the latency the sync added to them.
 
@@ -98,8 +98,9 @@ async def measure(method: str, syncs: int, load: int, workdir: Path) -> dict:
             samples.append(sync + ttft)
             sync_only.append(sync)
             ckpt = Path(result.checkpoint_path) / "adapter_model.safetensors"
-            bytes_moved.append(result.metrics.get("sync/export_bytes", ckpt.stat().st_size))
-            for part in ("export", "update", "restart", "adapter_load"):
+            moved = result.metrics.get("sync/export_bytes") or result.metrics.get("sync/adapter_bytes")
+            bytes_moved.append(moved or ckpt.stat().st_size)
+            for part in ("export", "update", "restart", "adapter_export", "adapter_load"):
                 if f"sync/{part}_seconds" in result.metrics:
                     parts.setdefault(f"{part}_p50_s", []).append(result.metrics[f"sync/{part}_seconds"])
             print(

@@ -120,6 +120,14 @@ async def test_checkpoint_is_plain_peft_atomic_and_resumable(tok, model_path, tm
         trained = await group.logprobs(seqs)
         export = await group.export_merged(tmp_path / "merged")
         changed = await group.export_merged(tmp_path / "changed", changed_only=True, dtype="bfloat16")
+        # A copy: safetensors maps the file, and the next export rewrites it in place.
+        before = {k: v.clone() for k, v in load_file(tmp_path / "changed" / "model.safetensors").items()}
+        # The next step's export rewrites the same file in place, in the server's dtype or the trainer's.
+        await group.train(seqs, StepOptions(learning_rate=1e-3))
+        await group.export_merged(tmp_path / "merged2")
+        await group.export_merged(tmp_path / "changed", changed_only=True, dtype="bfloat16")
+        await group.export_merged(tmp_path / "changed32", changed_only=True)
+        await group.load_checkpoint(ckpt)  # back at step 1 for the checks below
     finally:
         await group.shutdown()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0001"]  # no temporary left
@@ -143,13 +151,14 @@ async def test_checkpoint_is_plain_peft_atomic_and_resumable(tok, model_path, tm
     assert torch.allclose(merged_logits, logits, atol=1e-3)
 
     # For an in-place update: only the adapted layers, in the server's dtype, equal to the full export's.
-    full, part = (
-        load_file(tmp_path / "merged" / "model.safetensors"),
-        load_file(tmp_path / "changed" / "model.safetensors"),
-    )
+    full, part = load_file(tmp_path / "merged" / "model.safetensors"), before
     assert part and all(k.endswith("_proj.weight") for k in part) and "model.embed_tokens.weight" not in part
     assert all(part[k].dtype == torch.bfloat16 and torch.equal(part[k], full[k].bfloat16()) for k in part)
     assert changed["export_bytes"] < export["export_bytes"] / 2
+    full2 = load_file(tmp_path / "merged2" / "model.safetensors")
+    again, fp32 = (load_file(tmp_path / d / "model.safetensors") for d in ("changed", "changed32"))
+    assert not all(torch.equal(again[k], part[k]) for k in part)  # rewritten with the new step
+    assert all(torch.equal(again[k], full2[k].bfloat16()) and torch.equal(fp32[k], full2[k]) for k in part)
 
     # A new worker resumes at the checkpoint's step with the same weights.
     group = TrainerGroup(settings, devices=[], log_dir=tmp_path / "logs")

@@ -1,4 +1,4 @@
-"""One training step, owned from start to end: persist → prepare → train and checkpoint → publish → metrics.
+"""One training step, owned from start to end: persist → prepare → train → publish → checkpoint → metrics.
 
 A step either completes (the server serves step N, the trainer is at step N) or leaves the model as it was at step
 N-1: the trainer is reloaded from N-1's checkpoint, N's checkpoint (if any was written) is removed, the gate is
@@ -83,13 +83,14 @@ async def train_step(
                     train_metrics = await run.trainer.train(prepared.sequences, options)
                 else:
                     log.warning("step %d: no trainable data (every group's rewards were equal); policy unchanged", step)
-                stage = "checkpoint"
-                checkpoint = await run.trainer.save_checkpoint(run.checkpoint(step), step)
                 train_seconds = time.monotonic() - t0
                 stage = "publish"  # the server gets the GPU back first
-            sync_metrics = await run.sync.publish(step, checkpoint)
+            sync_metrics = await run.sync.publish(step, run.checkpoint(step))
+        stage = "checkpoint"  # off the path of the new policy to the server; the step ends when it is durable
+        checkpoint = await run.trainer.save_checkpoint(run.checkpoint(step), step)
     except BaseException as e:
-        await recover(run, step, republish=stage == "publish" or run.server.pid != server_pid)
+        republish = stage in ("publish", "checkpoint") or run.server.pid != server_pid
+        await recover(run, step, republish=republish)
         if not isinstance(e, Exception):
             raise  # cancelled: the model is back at the last step; the cancellation goes on
         what = f"step {step} failed in the {'trainer' if isinstance(e, TrainerCrashedError) else stage} stage"
@@ -145,6 +146,8 @@ async def recover(run: ModelRun, failed: int, *, republish: bool) -> None:
             log.error("art-sglang: could not reset the trainer to step %d (%s); the next step restarts it", run.step, e)
             run.trainer.stop()
     if republish or run.server.crash_reason() is not None:
+        if not run.trainer.running:  # the merged-weights syncs export the policy from it
+            await restart_trainer(run)
         await republish_current(run)
 
 

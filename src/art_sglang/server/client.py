@@ -6,6 +6,7 @@ answer. Calls that would crash the server are refused here with `CapabilityError
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -181,6 +182,15 @@ class SGLangClient:
         if not info.get("enable_lora"):
             raise CapabilityError("This SGLang server was started without --enable-lora; it cannot load adapters.")
         return await self._call("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": pinned})
+
+    async def load_lora_adapter_from_tensors(self, name: str, config: dict[str, Any], tensors: bytes) -> dict[str, Any]:
+        """Load an adapter from memory under `name`: its PEFT config and its tensors pickled as the server's
+        `SafeUnpickler` loads them (`trainer.pack.pack_tensors`). A name already loaded is refused."""
+        info = await self._capabilities()
+        if not info.get("enable_lora"):
+            raise CapabilityError("This SGLang server was started without --enable-lora; it cannot load adapters.")
+        body = {"lora_name": name, "config_dict": config, "serialized_tensors": base64.b64encode(tensors).decode()}
+        return await self._call("POST", "/load_lora_adapter_from_tensors", body)
 
     async def unload_lora_adapter(self, name: str) -> dict[str, Any]:
         """Unload; SGLang waits until no running request uses it."""

@@ -30,6 +30,8 @@ class WeightSync:
     `publish(step, checkpoint)` makes the server serve `step`, whatever it serves now: the previous step, nothing
     of ours (just started or restarted), or a step that failed halfway. When it returns, new requests for the
     model are answered by `step`; when it raises, the caller puts the last good step back with another publish.
+    A new step is published before its checkpoint is written (the trainer holds it); a step published again has
+    its checkpoint on disk.
     """
 
     method = "base"
@@ -44,8 +46,9 @@ class WeightSync:
         """Finish background work (adapter unloads)."""
 
     async def export(self, step: int, changed_only: bool = False) -> tuple[Path, dict[str, float]]:
-        """Merged weights for `step` in the server's dtype, replacing older exports (only read while loading)."""
-        target = self.ctx.merged_root / f"step-{step:04d}"
+        """Merged weights for `step` in the server's dtype, replacing older exports (only read while loading).
+        The changed layers alone go to one directory that every export rewrites in place."""
+        target = self.ctx.merged_root / ("layers" if changed_only else f"step-{step:04d}")
         dtype = None if self.ctx.config.dtype == "auto" else self.ctx.config.dtype
         stats = await self.ctx.trainer.export_merged(target, changed_only, dtype)
         for old in self.ctx.merged_root.glob("step-*"):

@@ -1,5 +1,7 @@
 """`lora`: load the new adapter under a new name, route new requests to it, unload the old one once drained.
 
+A step's new adapter goes from the trainer's memory to the server's (`/load_lora_adapter_from_tensors`), before its
+checkpoint is written; a step published again (after a failure or a server restart) loads from its checkpoint.
 Each load gets a new name (SGLang keys its prefix cache by adapter id, and a request naming an unloaded adapter
 silently reloads it from its old path: so names are never reused and old names are never routed to).
 """
@@ -32,7 +34,13 @@ class LoraSync(WeightSync):
         ctx = self.ctx
         started = time.monotonic()
         name = f"{ctx.name}-step{step}-{secrets.token_hex(3)}"
-        await ctx.client.load_lora_adapter(name, str(checkpoint))
+        metrics: dict[str, float] = {}
+        if (checkpoint / "adapter_model.safetensors").exists():
+            await ctx.client.load_lora_adapter(name, str(checkpoint))
+        else:  # a new step: the trainer holds it, its checkpoint comes after
+            adapter = await ctx.trainer.adapter_payload()
+            metrics = {"adapter_export_seconds": adapter["seconds"], "adapter_bytes": float(len(adapter["tensors"]))}
+            await ctx.client.load_lora_adapter_from_tensors(name, adapter["config"], adapter["tensors"])
         loaded = time.monotonic()
         try:
             await ctx.client.update_weight_version(str(step))
@@ -48,7 +56,7 @@ class LoraSync(WeightSync):
             task = asyncio.create_task(self._unload_when_drained(previous))
             self._unloads.add(task)
             task.add_done_callback(self._unloads.discard)
-        return {"sync_seconds": flipped - started, "adapter_load_seconds": loaded - started}
+        return {"sync_seconds": flipped - started, "adapter_load_seconds": loaded - started, **metrics}
 
     async def _unload_when_drained(self, name: str) -> None:
         ctx = self.ctx

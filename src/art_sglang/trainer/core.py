@@ -20,7 +20,9 @@ from typing import Any
 import torch
 
 from ..config import ALL_LINEAR, TrainerConfig
+from .layers_file import LayersFile
 from .loss import LossConfig, policy_loss
+from .pack import TensorPacker
 from .sequence import Sequence
 
 TRAINER_STATE = "trainer_state.pt"
@@ -227,6 +229,9 @@ class PolicyTrainer:
         self.step = 0
         self.offloaded = False
         self._host: dict[str, torch.Tensor] = {}  # pinned host copies for offloading (GPU only)
+        self._packer = TensorPacker()  # the adapter's host memory for the server, reused every step
+        self._adapter_names: dict[str, str] | None = None  # PEFT's name of each adapter parameter
+        self._layers_file: LayersFile | None = None  # the `disk` sync's merged layers, rewritten in place
 
     # -- the RL step ------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -415,14 +420,37 @@ class PolicyTrainer:
         return self.step
 
     @torch.no_grad()
+    def adapter_payload(self) -> dict[str, Any]:
+        """The adapter as the server loads it from memory: its PEFT config, and its tensors (PEFT's names) packed
+        for `/load_lora_adapter_from_tensors` (valid until the next call); the time from here (the optimizer has
+        stepped) to that payload."""
+        import json
+
+        started = time.monotonic()
+        tensors = self._packer.pack(self._adapter_state())
+        config = self.model.peft_config["default"].to_dict()
+        config = json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+        return {"config": config, "tensors": tensors, "seconds": time.monotonic() - started}
+
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's live tensors under PEFT's names (those of adapter_model.safetensors)."""
+        if self._adapter_names is None:  # worked out once: PEFT's function took 55-75 ms a call on SmolLM2
+            from peft import get_peft_model_state_dict
+
+            by_storage = {p.data_ptr(): n for n, p in self.model.named_parameters() if p.requires_grad}
+            state = get_peft_model_state_dict(self.model)
+            self._adapter_names = {name: by_storage[t.data_ptr()] for name, t in state.items()}
+        params = dict(self.model.named_parameters())  # the current objects: offload and reload replace them
+        return {name: params[param].detach() for name, param in self._adapter_names.items()}
+
     def export_merged(
         self, directory: str | Path, changed_only: bool = False, dtype: str | None = None
     ) -> dict[str, float]:
         """Base weights with the adapter merged in, as safetensors + config.json, for update_weights_from_disk.
 
         `changed_only`: just the layers the adapter touches (a server updating in place keeps the rest; a server
-        starting from the directory needs everything). `dtype`: write in the server's dtype (None: the base's).
-        The merge is computed into new tensors (base weights are never modified, so no drift accumulates).
+        starting from the directory needs everything), rewritten in place (`LayersFile`). `dtype`: write in the
+        server's dtype (None: the base's). Base weights are never modified, so no drift accumulates.
         """
         from peft.tuners.lora import LoraLayer
         from safetensors.torch import save_file
@@ -430,17 +458,16 @@ class PolicyTrainer:
         started = time.monotonic()
         out_dtype = getattr(torch, dtype) if dtype else None
         base = self.model.get_base_model()
+        if changed_only:
+            return self._export_layers(Path(directory), out_dtype, started)
         merged: dict[str, torch.Tensor] = {}
         for name, module in base.named_modules():
             if isinstance(module, LoraLayer):
                 weight = module.get_base_layer().weight
                 delta = module.get_delta_weight(module.active_adapters[0])
                 merged[f"{name}.weight"] = weight + delta.to(weight.dtype)
-        if changed_only:
-            source = merged
-        else:
-            source = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
-            source.update(merged)
+        source = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+        source.update(merged)
         state = {k: t.detach().to("cpu", dtype=out_dtype or t.dtype).contiguous() for k, t in source.items()}
         if getattr(base.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
@@ -451,13 +478,39 @@ class PolicyTrainer:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         base.config.to_json_file(str(tmp / "config.json"))
         # Tokenizer and generation files too: a server can start from this directory alone.
-        for pattern in () if changed_only else SERVABLE_FILES:
+        for pattern in SERVABLE_FILES:
             for f in Path(self.settings.base_model).glob(pattern):
                 shutil.copy2(f, tmp / f.name)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
         size = sum(t.numel() * t.element_size() for t in state.values())
         return {"export_seconds": time.monotonic() - started, "export_bytes": float(size)}
+
+    def _export_layers(self, target: Path, out_dtype: torch.dtype | None, started: float) -> dict[str, float]:
+        """The layers the adapter touches, merged, written in place into `target`'s LayersFile."""
+        from peft.tuners.lora import LoraLayer
+
+        base = self.model.get_base_model()
+        layers = {f"{n}.weight": m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+        specs = {}
+        for name, module in layers.items():
+            weight = module.get_base_layer().weight
+            specs[name] = (out_dtype or weight.dtype, tuple(weight.shape))
+        path = target / "model.safetensors"
+        if self._layers_file is None or not self._layers_file.fits(path, specs):
+            target.mkdir(parents=True, exist_ok=True)
+            base.config.to_json_file(str(target / "config.json"))
+            self._layers_file = LayersFile(path, specs)
+        with torch.no_grad():
+            for name, module in layers.items():
+                weight = module.get_base_layer().weight
+                delta = module.get_delta_weight(module.active_adapters[0]).to(weight.dtype)
+                view = self._layers_file.views[name]
+                if view.dtype == weight.dtype and weight.device.type == "cpu":
+                    torch.add(weight, delta, out=view)
+                else:
+                    view.copy_(weight + delta)
+        return {"export_seconds": time.monotonic() - started, "export_bytes": float(self._layers_file.nbytes)}
 
     # -- memory -----------------------------------------------------------------------------------------
     def offload(self) -> dict[str, float]:

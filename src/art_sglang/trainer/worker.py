@@ -66,6 +66,7 @@ def _worker_main(address: str, rank: int, world_size: int, dist_port: int) -> No
         "logprobs": lambda sequences: trainer.sequence_logprobs(sequences),
         "save_checkpoint": lambda directory, step: str(trainer.save_checkpoint(directory, step)),
         "load_checkpoint": lambda directory: trainer.load_checkpoint(directory),
+        "adapter_payload": lambda: trainer.adapter_payload(),
         "export_merged": trainer.export_merged,
         "offload": lambda: trainer.offload(),
         "reload": lambda: trainer.reload(),
@@ -289,6 +290,10 @@ class TrainerGroup:
 
     async def load_checkpoint(self, directory: str | Path) -> int:
         return (await self.call("load_checkpoint", directory=str(directory)))[0]
+
+    async def adapter_payload(self) -> dict[str, Any]:
+        """The adapter as it is now, packed for the server's load from tensors (see PolicyTrainer.adapter_payload)."""
+        return (await self.call("adapter_payload", ranks=[0]))[0]
 
     async def export_merged(
         self, directory: str | Path, changed_only: bool = False, dtype: str | None = None
