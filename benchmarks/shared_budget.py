@@ -6,8 +6,9 @@ Qwen2.5-1.5B's and Qwen2.5-7B's shapes (random weights, bf16, LoRA rank 16 on al
 and AdamW state) this measures: the weights' size (= the server's copy), the trainer's peak GPU memory during one
 step at a given micro-batch size, offload and reload times, and the time from the end of the optimizer step to
 an adapter the server can load: the payload the `lora` sync sends to `/load_lora_adapter_from_tensors`
-(`PolicyTrainer.adapter_payload`: one device-to-host copy, pickled), and for comparison the full checkpoint
-(adapter + optimizer state), the adapter alone written as safetensors, and the adapter copied tensor by tensor.
+(`PolicyTrainer.adapter_payload`: one device-to-host copy, pickled) and what carrying it to the HTTP request costs
+(the worker's pipe, base64), and for comparison the full checkpoint (adapter + optimizer state), the adapter alone
+written as safetensors, and the adapter copied tensor by tensor.
 
     python benchmarks/shared_budget.py --out results.json        # on a GPU machine
     python benchmarks/shared_budget.py --tiny --device cpu       # a smoke test of the script itself
@@ -16,13 +17,16 @@ an adapter the server can load: the payload the `lora` sync sends to `/load_lora
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import gc
 import json
+import multiprocessing
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +88,14 @@ def median_time(fn, device: str, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def through_pipe(data: bytearray) -> None:
+    sender, receiver = multiprocessing.Pipe()
+    reader = threading.Thread(target=receiver.recv)
+    reader.start()
+    sender.send(data)
+    reader.join()
+
+
 def measure(shape: str, args: argparse.Namespace, root: Path) -> dict:
     path = build(shape, args.tiny, root)
     device = args.device
@@ -127,7 +139,12 @@ def measure(shape: str, args: argparse.Namespace, root: Path) -> dict:
         out["load_checkpoint_s"] = median_time(functools.partial(trainer.load_checkpoint, ckpt), device)
         state = lambda: {n: p.detach().to("cpu", torch.float32) for n, p in adapter.items()}  # noqa: E731
         out["adapter_payload_s"] = median_time(trainer.adapter_payload, device)
-        out["adapter_payload_mb"] = len(trainer.adapter_payload()["tensors"]) / 1e6
+        payload = trainer.adapter_payload()["tensors"]
+        out["adapter_payload_mb"] = len(payload) / 1e6
+        # What the payload costs on its way to the server before HTTP: the worker's pipe to the backend, and
+        # base64 (SGLang's endpoint takes JSON).
+        out["payload_pipe_s"] = median_time(functools.partial(through_pipe, payload), "cpu", repeats=3)
+        out["payload_base64_s"] = median_time(functools.partial(base64.b64encode, payload), "cpu", repeats=3)
         out["adapter_to_host_s"] = median_time(state, device)
         out["adapter_safetensors_s"] = median_time(lambda: save_file(state(), str(Path(tmp) / "a.safetensors")), device)
     probe = make_batch(1, 256, vocab, seed=2)

@@ -147,7 +147,10 @@ async def recover(run: ModelRun, failed: int, *, republish: bool) -> None:
             run.trainer.stop()
     if republish or run.server.crash_reason() is not None:
         if not run.trainer.running:  # the merged-weights syncs export the policy from it
-            await restart_trainer(run)
+            try:
+                await restart_trainer(run)
+            except Exception as e:  # `lora` republishes from the checkpoint without it
+                log.error("art-sglang: could not start the trainer again (%s); the next step tries again", e)
         await republish_current(run)
 
 

@@ -185,7 +185,7 @@ class SGLangClient:
 
     async def load_lora_adapter_from_tensors(self, name: str, config: dict[str, Any], tensors: bytes) -> dict[str, Any]:
         """Load an adapter from memory under `name`: its PEFT config and its tensors pickled as the server's
-        `SafeUnpickler` loads them (`trainer.pack.pack_tensors`). A name already loaded is refused."""
+        `SafeUnpickler` loads them (`trainer.pack.TensorPacker`). A name already loaded is refused."""
         info = await self._capabilities()
         if not info.get("enable_lora"):
             raise CapabilityError("This SGLang server was started without --enable-lora; it cannot load adapters.")

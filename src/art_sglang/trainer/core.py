@@ -419,7 +419,6 @@ class PolicyTrainer:
             self.step = int(directory.name) if directory.name.isdigit() else 0
         return self.step
 
-    @torch.no_grad()
     def adapter_payload(self) -> dict[str, Any]:
         """The adapter as the server loads it from memory: its PEFT config, and its tensors (PEFT's names) packed
         for `/load_lora_adapter_from_tensors` (valid until the next call); the time from here (the optimizer has
@@ -443,6 +442,7 @@ class PolicyTrainer:
         params = dict(self.model.named_parameters())  # the current objects: offload and reload replace them
         return {name: params[param].detach() for name, param in self._adapter_names.items()}
 
+    @torch.no_grad()
     def export_merged(
         self, directory: str | Path, changed_only: bool = False, dtype: str | None = None
     ) -> dict[str, float]:
@@ -501,15 +501,14 @@ class PolicyTrainer:
             target.mkdir(parents=True, exist_ok=True)
             base.config.to_json_file(str(target / "config.json"))
             self._layers_file = LayersFile(path, specs)
-        with torch.no_grad():
-            for name, module in layers.items():
-                weight = module.get_base_layer().weight
-                delta = module.get_delta_weight(module.active_adapters[0]).to(weight.dtype)
-                view = self._layers_file.views[name]
-                if view.dtype == weight.dtype and weight.device.type == "cpu":
-                    torch.add(weight, delta, out=view)
-                else:
-                    view.copy_(weight + delta)
+        for name, module in layers.items():
+            weight = module.get_base_layer().weight
+            delta = module.get_delta_weight(module.active_adapters[0]).to(weight.dtype)
+            view = self._layers_file.views[name]
+            if view.dtype == weight.dtype and weight.device.type == "cpu":
+                torch.add(weight, delta, out=view)
+            else:
+                view.copy_(weight + delta)
         return {"export_seconds": time.monotonic() - started, "export_bytes": float(self._layers_file.nbytes)}
 
     # -- memory -----------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ rebuild helpers and saves a storage once per view. So the tensors travel as one 
 public torch calls on it (`frombuffer`, `narrow`, `reshape`): the pickle holds the bytes once, and the server
 rebuilds views of them without a copy.
 
-The packer keeps its host memory from one step to the next: on an H100 host, copying a 7B model's adapter
-(161 MB) to newly allocated memory took 138 ms and pickling it into new memory 129 ms, mostly page faults; into
-reused (pinned) memory the copy takes 3 ms.
+The packer keeps its host memory (pinned on a GPU machine) from one step to the next: fresh memory costs a page
+fault per page, which made copying and pickling a 7B model's adapter several times slower than the copy itself
+(`benchmarks/shared_budget.py`: 21 ms in all, against 105 ms to copy it tensor by tensor into new memory).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class _Call:
 
 class _Into:
     """A file that writes into a reused bytearray (grown when too small, cut to what was written). Large writes are
-    copied by torch (several threads; a bytearray slice assignment ran at 1.1 GB/s on an H100 host)."""
+    copied by torch, with several threads (a bytearray slice assignment copies with one, and slowly)."""
 
     def __init__(self, buffer: bytearray) -> None:
         self.buffer, self.size = buffer, 0
