@@ -1,9 +1,10 @@
 """Weight-sync latency: from "the trainer finished the step" to "the new policy generated its first token".
 
-For each method, a real SGLangBackend on SmolLM2-135M-Instruct takes small RL steps; each step's sync time
-(from the backend's metrics: optimizer stepped -> new policy routed; the checkpoint is written after) plus the time to first token of a streamed
-request sent right after (which must report the new weight_version) is one sample. Then the same under load:
-64 requests in flight while a step syncs; their errors (must be 0) and the latency the sync added to them.
+For each method, a real SGLangBackend on SmolLM2-135M-Instruct takes small RL steps; each step's sync time (from
+the backend's metrics: optimizer stepped -> new policy routed; the checkpoint is written after) plus the time to
+first token of a streamed request sent right after (which must report the new weight_version) is one sample. Then
+the same under load: 64 requests in flight while a step syncs; their errors (must be 0) and the latency the sync
+added to them.
 
     .venv/bin/python benchmarks/weight_sync.py --syncs 10 --out docs/results/weight_sync.json
 """
