@@ -84,10 +84,23 @@ def stop_group(pgid: int, grace: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A free port below MAX_PORT (so a server may also claim port + 10000)."""
+    """A free port below MAX_PORT (so a server may also claim port + 10000) and below the ephemeral range: polling
+    a port in that range before its server listens can connect the socket to itself (TCP self-connect), which then
+    holds the port so that the server cannot bind it: the likely cause of a server that once failed to bind its
+    port in a CI run ("address already in use")."""
+    high = min(MAX_PORT, _ephemeral_low())
+    if high - 20000 < 1000:
+        high = MAX_PORT
     for _ in range(200):
-        port = random.randrange(20000, MAX_PORT)
+        port = random.randrange(20000, high)
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -95,7 +108,7 @@ def free_port(host: str = "127.0.0.1") -> int:
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free port found on {host} in 20000..{MAX_PORT}")
+    raise RuntimeError(f"no free port found on {host} in 20000..{high}")
 
 
 class Stoppable(Protocol):
