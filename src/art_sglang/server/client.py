@@ -176,19 +176,19 @@ class SGLangClient:
         return [m["id"] for m in (await self._call("GET", "/v1/models"))["data"]]
 
     # -- LoRA -------------------------------------------------------------------------------------------
+    async def _require_lora(self) -> None:
+        if not (await self._capabilities()).get("enable_lora"):
+            raise CapabilityError("This SGLang server was started without --enable-lora; it cannot load adapters.")
+
     async def load_lora_adapter(self, name: str, path: str, *, pinned: bool = False) -> dict[str, Any]:
         """Load a PEFT adapter directory under `name`. A name already loaded is refused: use a new one."""
-        info = await self._capabilities()
-        if not info.get("enable_lora"):
-            raise CapabilityError("This SGLang server was started without --enable-lora; it cannot load adapters.")
+        await self._require_lora()
         return await self._call("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": pinned})
 
     async def load_lora_adapter_from_tensors(self, name: str, config: dict[str, Any], tensors: bytes) -> dict[str, Any]:
         """Load an adapter from memory under `name`: its PEFT config and its tensors pickled as the server's
         `SafeUnpickler` loads them (`trainer.pack.TensorPacker`). A name already loaded is refused."""
-        info = await self._capabilities()
-        if not info.get("enable_lora"):
-            raise CapabilityError("This SGLang server was started without --enable-lora; it cannot load adapters.")
+        await self._require_lora()
         body = {"lora_name": name, "config_dict": config, "serialized_tensors": base64.b64encode(tensors).decode()}
         return await self._call("POST", "/load_lora_adapter_from_tensors", body)
 

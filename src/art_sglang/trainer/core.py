@@ -452,22 +452,17 @@ class PolicyTrainer:
         starting from the directory needs everything), rewritten in place (`LayersFile`). `dtype`: write in the
         server's dtype (None: the base's). Base weights are never modified, so no drift accumulates.
         """
-        from peft.tuners.lora import LoraLayer
         from safetensors.torch import save_file
 
         started = time.monotonic()
         out_dtype = getattr(torch, dtype) if dtype else None
         base = self.model.get_base_model()
         if changed_only:
-            return self._export_layers(Path(directory), out_dtype, started)
-        merged: dict[str, torch.Tensor] = {}
-        for name, module in base.named_modules():
-            if isinstance(module, LoraLayer):
-                weight = module.get_base_layer().weight
-                delta = module.get_delta_weight(module.active_adapters[0])
-                merged[f"{name}.weight"] = weight + delta.to(weight.dtype)
+            return self._export_layers(Path(directory), out_dtype)
         source = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
-        source.update(merged)
+        for name, module in self._adapted_layers().items():
+            weight, delta = _weight_and_delta(module)
+            source[name] = weight + delta
         state = {k: t.detach().to("cpu", dtype=out_dtype or t.dtype).contiguous() for k, t in source.items()}
         if getattr(base.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
@@ -486,12 +481,17 @@ class PolicyTrainer:
         size = sum(t.numel() * t.element_size() for t in state.values())
         return {"export_seconds": time.monotonic() - started, "export_bytes": float(size)}
 
-    def _export_layers(self, target: Path, out_dtype: torch.dtype | None, started: float) -> dict[str, float]:
-        """The layers the adapter touches, merged, written in place into `target`'s LayersFile."""
+    def _adapted_layers(self) -> dict[str, torch.nn.Module]:
+        """The LoRA layers, by the name of the base weight each one changes."""
         from peft.tuners.lora import LoraLayer
 
         base = self.model.get_base_model()
-        layers = {f"{n}.weight": m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+        return {f"{n}.weight": m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+
+    def _export_layers(self, target: Path, out_dtype: torch.dtype | None) -> dict[str, float]:
+        """The layers the adapter touches, merged, written in place into `target`'s LayersFile."""
+        started = time.monotonic()
+        layers = self._adapted_layers()
         specs = {}
         for name, module in layers.items():
             weight = module.get_base_layer().weight
@@ -499,11 +499,10 @@ class PolicyTrainer:
         path = target / "model.safetensors"
         if self._layers_file is None or not self._layers_file.fits(path, specs):
             target.mkdir(parents=True, exist_ok=True)
-            base.config.to_json_file(str(target / "config.json"))
+            self.model.get_base_model().config.to_json_file(str(target / "config.json"))
             self._layers_file = LayersFile(path, specs)
         for name, module in layers.items():
-            weight = module.get_base_layer().weight
-            delta = module.get_delta_weight(module.active_adapters[0]).to(weight.dtype)
+            weight, delta = _weight_and_delta(module)
             view = self._layers_file.views[name]
             if view.dtype == weight.dtype and weight.device.type == "cpu":
                 torch.add(weight, delta, out=view)
@@ -553,6 +552,12 @@ class PolicyTrainer:
             return host  # the copy made at the first offload is still exact
         host.copy_(t, non_blocking=True)
         return host
+
+
+def _weight_and_delta(module: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoRA layer's base weight and the adapter's change to it, in the weight's dtype."""
+    weight = module.get_base_layer().weight
+    return weight, module.get_delta_weight(module.active_adapters[0]).to(weight.dtype)
 
 
 def _fsync(path: Path, flags: int) -> None:
