@@ -8,7 +8,7 @@ import pytest
 
 from art_sglang import ModelNotFoundError
 from art_sglang.cli import main
-from art_sglang.models import check_model_dir, small_model
+from art_sglang.models import check_model_dir, resolve_base_model, small_model
 
 
 def test_small_model_is_a_complete_reusable_directory(model_path):
@@ -26,12 +26,49 @@ def test_missing_and_corrupt_model_directories(tmp_path):
         check_model_dir(tmp_path / "nope")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{not json")
-    with pytest.raises(ModelNotFoundError, match="model.safetensors"):
+    with pytest.raises(ModelNotFoundError, match="model.safetensors or model.safetensors.index.json"):
         check_model_dir(tmp_path / "m")
     for name in ("model.safetensors", "tokenizer_config.json", "tokenizer.json"):
         (tmp_path / "m" / name).write_text("x")
     with pytest.raises(ModelNotFoundError, match="config.json is corrupt"):
         check_model_dir(tmp_path / "m")
+
+
+def _model_files(directory, weights=("model.safetensors",)):
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text("{}")
+    for name in ("tokenizer_config.json", "tokenizer.json", *weights):
+        (directory / name).write_text("x")
+    return directory
+
+
+def test_base_model_names_resolve_offline(tmp_path, monkeypatch, model_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    local = _model_files(tmp_path / "local")
+    assert resolve_base_model(str(local)) == local
+    assert resolve_base_model("HuggingFaceTB/SmolLM2-135M-Instruct") == model_path
+    # A Hugging Face id, as the hub lays out its cache: refs/main names the snapshot.
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = _model_files(repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert resolve_base_model("org/tiny") == snapshot
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_base_model("org/absent")
+    message = str(err.value)  # where it looked, and what to do
+    assert str(tmp_path / "hub" / "models--org--absent") in message and "nothing is downloaded" in message
+    assert "org/absent" in message and "huggingface-cli download org/absent" in message
+
+
+def test_sharded_checkpoints_are_complete_only_with_every_shard(tmp_path):
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    directory = _model_files(tmp_path / "sharded", weights=("model.safetensors.index.json", shards[0]))
+    index = {"weight_map": {"a": shards[0], "b": shards[1]}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelNotFoundError, match=f"incomplete: {shards[1]} missing"):
+        check_model_dir(directory)
+    (directory / shards[1]).write_text("x")
+    assert check_model_dir(directory) == directory
 
 
 def test_doctor_reports_mode_versions_and_server(capsys, monkeypatch):

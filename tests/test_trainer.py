@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 
 import art
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from trajectories import answer_ids, choice
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -299,3 +300,18 @@ def test_a_resave_keeps_one_complete_copy_at_every_moment(tmp_path):
     (tmp_path / ".0004.tmp-z").mkdir()
     restore_replaced(tmp_path)
     assert (target / "adapter").read_text() == "new" and not list(tmp_path.glob(".*"))
+
+
+def test_merged_exports_refuse_layers_the_checkpoint_names_otherwise(tiny_model, tmp_path):
+    """A checkpoint stored without the `model.` prefix loads in transformers, but merged layers saved under the
+    loaded model's names would never reach a server reading the checkpoint's: the export says so."""
+    from art_sglang.trainer.core import PolicyTrainer
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_model, renamed)
+    state = load_file(renamed / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in state.items()}, renamed / "model.safetensors")
+    trainer = PolicyTrainer(TrainerSettings(str(renamed), threads=1))
+    for changed_only in (False, True):
+        with pytest.raises(RuntimeError, match=r"not in the base checkpoint under these names.*'lora'"):
+            trainer.export_merged(tmp_path / f"out-{changed_only}", changed_only=changed_only)

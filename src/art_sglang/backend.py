@@ -23,12 +23,13 @@ from art import LocalTrainResult
 from . import paths
 from .chat import ChatTemplate, tool_call_parser_for
 from .config import DeviceConfig, Placement, SGLangConfig, TrainerConfig, gpu_count, place
-from .errors import ArtSGLangError, ConfigError, ModelNotFoundError
+from .errors import ArtSGLangError, ConfigError
 from .gateway import Gateway
-from .models import SMOLLM2, check_model_dir, small_model
+from .models import lora_targets, resolve_base_model
 from .server import SGLangClient, SGLangServer
 from .step import ModelRun, republish_current, train_step, write_atomic
 from .sync import METHODS, GpuTimeShare, SyncContext
+from .sync.check import check_served_policy
 from .trainer.core import StepOptions, TrainerSettings, restore_replaced
 from .trainer.loss import LossConfig
 from .trainer.worker import TrainerGroup
@@ -69,24 +70,16 @@ _ART_DEFAULTS: dict[str, Any] = {
 }
 
 
-def resolve_base_model(name: str) -> Path:
-    """A local directory for `model.base_model`: a path, the bundled small model, or the Hugging Face cache.
-    Nothing is downloaded."""
-    if Path(name).expanduser().is_dir():
-        return check_model_dir(Path(name).expanduser())
-    if name.split("/")[-1] == SMOLLM2:
-        return small_model()
-    try:
-        from huggingface_hub import snapshot_download
-
-        return check_model_dir(snapshot_download(name, local_files_only=True))
-    except Exception:
-        pass
-    raise ModelNotFoundError(
-        f"base_model {name!r} is neither a local model directory nor in the Hugging Face cache, and nothing is "
-        f"downloaded at run time. Pass a local directory as base_model, download the model beforehand, or use "
-        f"'HuggingFaceTB/{SMOLLM2}' (installed offline by `art-sglang model`)."
-    )
+def _lora_targets(base: Path, wanted: Any) -> list[str] | None:
+    """The trainer's LoRA targets under the checkpoint's names (None: a PEFT pattern string, left to PEFT)."""
+    if not isinstance(wanted, list | tuple):
+        return None
+    targets, absent = lora_targets(base, list(wanted))
+    if not targets:
+        raise ConfigError("target_modules", list(wanted), f"names of linear layers in {base}; it has none of these")
+    if absent:
+        log.info("art-sglang: LoRA adapts %s; %s has no %s outside its experts", targets, base.name, absent)
+    return targets
 
 
 class SGLangBackend:
@@ -266,13 +259,22 @@ class SGLangBackend:
         parser = tool_call_parser_for(template.source) if cfg.tool_call_parser == "auto" else cfg.tool_call_parser
         peft_args = dict((getattr(model, "_internal_config", None) or {}).get("peft_args") or {})
         rank = int(peft_args.get("r", tc.lora_rank))
+        targets = _lora_targets(base, peft_args.get("target_modules", tc.target_modules))
+        if targets is not None:
+            peft_args["target_modules"] = targets
         settings = TrainerSettings.from_config(
             str(base), tc, peft_args=peft_args, threads=tc.cpu_threads if p.mode == "cpu" else None
         )
         trainer = TrainerGroup(
             settings, devices=p.training_devices, log_dir=model_dir / "logs", cpu_threads=tc.cpu_threads
         )
-        server_cfg = SGLangConfig(**{**vars(cfg), "max_lora_rank": max(cfg.max_lora_rank, rank)})
+        server_cfg = SGLangConfig(
+            **{
+                **vars(cfg),
+                "max_lora_rank": max(cfg.max_lora_rank, rank),
+                "lora_target_modules": cfg.lora_target_modules or targets or ["all"],
+            }
+        )
         memory_saver = cfg.enable_memory_saver
         if memory_saver is None:  # needs a GPU (and torch-memory-saver, which sglang[srt] brings)
             memory_saver = p.mode == "shared" and p.inference_device is not None
@@ -332,6 +334,9 @@ class SGLangBackend:
                 timeshare = GpuTimeShare(server, client, trainer)
                 log.info("art-sglang: shared mode: %s", await timeshare.check())
             await sync.publish(step, paths.checkpoint_dir(model_dir, step))
+            if timeshare is None:  # (shared mode: the trainer is in CPU memory now)
+                gap = await check_served_policy(ctx, template)
+                log.info("art-sglang: the server serves the trainer's policy (mean logprob gap %.1e)", gap)
         except BaseException:
             await trainer.shutdown()
             server.stop()

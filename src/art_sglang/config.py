@@ -126,7 +126,7 @@ class SGLangConfig:
     server_args: list[str] = field(default_factory=list)  # appended to sglang.launch_server's flags
     dtype: str = "auto"  # the server's --dtype; float32 makes its logprobs match an fp32 trainer
     max_lora_rank: int = 16
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all"])
+    lora_target_modules: list[str] | None = None  # --lora-target-modules; None: the layers the trainer adapts
     max_total_tokens: int | None = None  # KV pool size; None: 131072 on the CPU, SGLang's choice on a GPU
     cpu_threads: int = 1  # OMP_NUM_THREADS of a CPU server: it shares the cores with the trainer
     enable_memory_saver: bool | None = None  # None: on in shared mode on a GPU
@@ -197,8 +197,11 @@ class SGLangConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v):
                 raise ConfigError(name, v, "None or an SGLang name, e.g. 'qwen25', 'qwen3', 'llguidance'")
-        if not isinstance(self.lora_target_modules, list) or not self.lora_target_modules:
-            raise ConfigError("lora_target_modules", self.lora_target_modules, "a non-empty list of module names")
+        modules = self.lora_target_modules
+        if modules is not None and (not isinstance(modules, list) or not modules):
+            raise ConfigError(
+                "lora_target_modules", modules, "None (the trainer's) or a non-empty list of module names"
+            )
         if self.data_parallel_size > 1 and self.weight_sync_method == "disk":
             raise ConfigError(
                 "data_parallel_size",

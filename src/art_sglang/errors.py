@@ -72,3 +72,8 @@ class TrainerCrashedError(ArtSGLangError):
 class StepFailedError(ArtSGLangError):
     """A training step failed after its trajectories were saved; the policy and the trainer stay at the last
     published step, and the next train() starts from there."""
+
+
+class PolicyMismatchError(ArtSGLangError):
+    """The server and the trainer give different logprobs to the same tokens: SGLang serves this model differently
+    from transformers, and training on its samples would be wrong."""

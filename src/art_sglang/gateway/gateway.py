@@ -292,6 +292,10 @@ class Gateway:
         data = [{"id": m, "object": "model", "owned_by": "art-sglang"} for m in self.known_models()]
         return web.json_response({"object": "list", "data": data})
 
+    def route(self, model: str) -> Route | None:
+        """What serves `model` (`name` or `name@step`) now; None for a name not served."""
+        return self._resolve(model)
+
     def _resolve(self, model: str | None) -> Route | None:
         if not model:
             return None

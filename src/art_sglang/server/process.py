@@ -147,7 +147,7 @@ class SGLangServer:
                 "--max-lora-rank",
                 str(c.max_lora_rank),
                 "--lora-target-modules",
-                *c.lora_target_modules,
+                *(c.lora_target_modules or ["all"]),
                 "--max-loras-per-batch",
                 str(c.max_loras_per_batch),
             ]

@@ -452,34 +452,49 @@ class PolicyTrainer:
         starting from the directory needs everything), rewritten in place (`LayersFile`). `dtype`: write in the
         server's dtype (None: the base's). Base weights are never modified, so no drift accumulates.
         """
+        from safetensors import safe_open
         from safetensors.torch import save_file
 
         started = time.monotonic()
         out_dtype = getattr(torch, dtype) if dtype else None
-        base = self.model.get_base_model()
         if changed_only:
             return self._export_layers(Path(directory), out_dtype)
-        source = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
-        for name, module in self._adapted_layers().items():
-            weight, delta = _weight_and_delta(module)
-            source[name] = weight + delta
-        state = {k: t.detach().to("cpu", dtype=out_dtype or t.dtype).contiguous() for k, t in source.items()}
-        if getattr(base.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
+        # Every tensor under the checkpoint's own name and layout (transformers may hold some differently in memory:
+        # a mixture of experts' experts as one tensor), the adapted layers merged.
+        merged = {name: _weight_and_delta(module) for name, module in self._checked_layers().items()}
+        state = {}
+        for path in sorted(Path(self.settings.base_model).glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    stored = f.get_tensor(name)
+                    tensor = stored if name not in merged else merged[name][0] + merged[name][1]
+                    state[name] = tensor.to("cpu", out_dtype or stored.dtype).contiguous()
         target = Path(directory)
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        base.config.to_json_file(str(tmp / "config.json"))
-        # Tokenizer and generation files too: a server can start from this directory alone.
-        for pattern in SERVABLE_FILES:
+        # The checkpoint's config, tokenizer and generation files: a server can start from this directory alone.
+        for pattern in ("config.json", *SERVABLE_FILES):
             for f in Path(self.settings.base_model).glob(pattern):
                 shutil.copy2(f, tmp / f.name)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
         size = sum(t.numel() * t.element_size() for t in state.values())
         return {"export_seconds": time.monotonic() - started, "export_bytes": float(size)}
+
+    def _checked_layers(self) -> dict[str, torch.nn.Module]:
+        """The LoRA layers, each under a name the base checkpoint has (else a server would never load it)."""
+        from ..models import weight_names
+
+        layers = self._adapted_layers()
+        unknown = sorted(set(layers) - set(weight_names(Path(self.settings.base_model))))
+        if unknown:
+            raise RuntimeError(
+                f"the adapted layers {unknown[:3]} are not in the base checkpoint under these names, so merged weights "
+                "would not reach the server; use weight_sync_method='lora', or target other modules"
+            )
+        return layers
 
     def _adapted_layers(self) -> dict[str, torch.nn.Module]:
         """The LoRA layers, by the name of the base weight each one changes."""
@@ -492,6 +507,8 @@ class PolicyTrainer:
         """The layers the adapter touches, merged, written in place into `target`'s LayersFile."""
         started = time.monotonic()
         layers = self._adapted_layers()
+        if self._layers_file is None:
+            layers = self._checked_layers()
         specs = {}
         for name, module in layers.items():
             weight = module.get_base_layer().weight
@@ -499,7 +516,7 @@ class PolicyTrainer:
         path = target / "model.safetensors"
         if self._layers_file is None or not self._layers_file.fits(path, specs):
             target.mkdir(parents=True, exist_ok=True)
-            self.model.get_base_model().config.to_json_file(str(target / "config.json"))
+            shutil.copy2(Path(self.settings.base_model) / "config.json", target / "config.json")
             self._layers_file = LayersFile(path, specs)
         for name, module in layers.items():
             weight, delta = _weight_and_delta(module)

@@ -1,0 +1,43 @@
+"""The check that the server serves the trainer's policy: both score one rendered reply, token by token.
+
+Run once the first policy is published. A model SGLang serves differently from transformers (an architecture it
+implements otherwise, a checkpoint field it ignores) would otherwise serve a wrong policy with no error.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..chat import ChatTemplate
+from ..errors import PolicyMismatchError
+from ..trainer.sequence import Sequence
+from .base import SyncContext
+
+# Mean |engine - trainer| logprob allowed: fp32 on both sides gives ~1e-6, bf16 ~1e-2; a wrong layer gives nats.
+MAX_MEAN_GAP = 0.1
+
+
+async def check_served_policy(ctx: SyncContext, template: ChatTemplate) -> float:
+    """The mean logprob gap on one rendered reply; PolicyMismatchError when the two policies differ."""
+    prompt = template.render([{"role": "user", "content": "Name a fruit."}], add_generation_prompt=True)
+    reply = template.encode("Apple. It is a sweet fruit that grows on trees.")
+    ids = prompt + reply
+    sequence = Sequence(ids, [math.nan] * len(ids), [False] * len(prompt) + [True] * len(reply), 0.0, 1.0, 0)
+    route = ctx.gateway.route(ctx.name)
+    out = await ctx.client.generate(
+        input_ids=ids,
+        sampling_params={"max_new_tokens": 0},
+        logprob_start_len=len(prompt) - 1,
+        lora_path=route.adapter if route else None,
+    )
+    engine = [math.nan if e[0] is None else e[0] for e in out.meta_info["input_token_logprobs"][1:]]
+    (trainer,) = await ctx.trainer.logprobs([sequence])
+    gap = sum(abs(a - b) for a, b in zip(engine, trainer, strict=True)) / len(trainer)
+    if not gap <= MAX_MEAN_GAP:  # NaN included
+        raise PolicyMismatchError(
+            f"the SGLang server and the trainer disagree on the same tokens (mean logprob gap {gap:.3g}, allowed "
+            f"{MAX_MEAN_GAP}): SGLang {ctx.server.sglang_version} serves this model differently from transformers, "
+            "so its samples would not be the trained policy's. See docs/models.md for the families that are "
+            "checked, and the server log for warnings about weights it did not load."
+        )
+    return gap
