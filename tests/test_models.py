@@ -5,10 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from art_sglang import ModelNotFoundError
 from art_sglang.cli import main
-from art_sglang.models import check_model_dir, resolve_base_model, small_model
+from art_sglang.config import ALL_LINEAR
+from art_sglang.models import (
+    check_model_dir,
+    lora_targets,
+    resolve_base_model,
+    small_model,
+    weight_files,
+    weight_names,
+)
 
 
 def test_small_model_is_a_complete_reusable_directory(model_path):
@@ -85,3 +95,39 @@ def test_doctor_says_what_to_fix_without_a_server_venv(capsys, monkeypatch):
     monkeypatch.setenv("ART_SGLANG_SERVER_PYTHON", "/nonexistent/python")
     assert main(["doctor"]) == 1
     assert "bash scripts/setup_sglang.sh" in capsys.readouterr().out
+
+
+def _checkpoint(directory, names, file="model.safetensors"):
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({n: torch.zeros(2, 2) for n in names}, directory / file)
+    return directory
+
+
+def test_lora_targets_use_the_checkpoint_names(tmp_path):
+    """q/k/v and gate/up become the fused layers where a checkpoint fuses them (Phi-3); experts are never targets;
+    what a checkpoint lacks is reported."""
+    layer = "model.layers.0."
+    phi3 = [f"{layer}self_attn.qkv_proj.weight", f"{layer}self_attn.o_proj.weight", f"{layer}mlp.gate_up_proj.weight"]
+    moe = [f"{layer}self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    moe += [f"{layer}mlp.experts.0.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+    assert lora_targets(_checkpoint(tmp_path / "phi3", phi3), list(ALL_LINEAR)) == (
+        ["qkv_proj", "o_proj", "gate_up_proj"],
+        ["down_proj"],
+    )
+    assert lora_targets(_checkpoint(tmp_path / "moe", moe), list(ALL_LINEAR)) == (
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        ["gate_proj", "up_proj", "down_proj"],
+    )
+
+
+def test_a_sharded_checkpoint_is_read_from_the_shards_its_index_lists(tmp_path):
+    """Repositories may hold another format's weights beside the shards (Mistral's consolidated.safetensors): the
+    index decides, as it does for SGLang."""
+    directory = _checkpoint(
+        tmp_path / "m", ["model.layers.0.self_attn.q_proj.weight"], "model-00001-of-00001.safetensors"
+    )
+    _checkpoint(directory, ["layers.0.attention.wq.weight"], "consolidated.safetensors")
+    index = {"weight_map": {"model.layers.0.self_attn.q_proj.weight": "model-00001-of-00001.safetensors"}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert weight_files(directory) == [directory / "model-00001-of-00001.safetensors"]
+    assert weight_names(directory) == ["model.layers.0.self_attn.q_proj.weight"]

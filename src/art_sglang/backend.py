@@ -78,7 +78,12 @@ def _lora_targets(base: Path, wanted: Any) -> list[str] | None:
     if not targets:
         raise ConfigError("target_modules", list(wanted), f"names of linear layers in {base}; it has none of these")
     if absent:
-        log.info("art-sglang: LoRA adapts %s; %s has no %s outside its experts", targets, base.name, absent)
+        log.info(
+            "art-sglang: LoRA adapts %s; %s has no other layer called %s (experts are never adapted)",
+            targets,
+            base.name,
+            absent,
+        )
     return targets
 
 

@@ -117,10 +117,19 @@ def lora_targets(model_dir: Path, wanted: list[str]) -> tuple[list[str], list[st
     return targets, absent
 
 
+def weight_files(model_dir: Path) -> list[Path]:
+    """A checkpoint's safetensors files: the shards its index lists, else every one (as SGLang chooses; repositories
+    may also hold other formats' files, e.g. Mistral's consolidated.safetensors)."""
+    index = Path(model_dir) / "model.safetensors.index.json"
+    if index.is_file():
+        return [Path(model_dir) / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return sorted(Path(model_dir).glob("*.safetensors"))
+
+
 def weight_names(model_dir: Path) -> list[str]:
     """The tensor names of a safetensors checkpoint, read from the files' headers (no weights are loaded)."""
     names: list[str] = []
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
+    for path in weight_files(model_dir):
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             names += [k for k in json.loads(f.read(size)) if k != "__metadata__"]

@@ -450,7 +450,7 @@ class PolicyTrainer:
 
         `changed_only`: just the layers the adapter touches (a server updating in place keeps the rest; a server
         starting from the directory needs everything), rewritten in place (`LayersFile`). `dtype`: write in the
-        server's dtype (None: the base's). Base weights are never modified, so no drift accumulates.
+        server's dtype (None: the checkpoint's). Base weights are never modified, so no drift accumulates.
         """
         from safetensors import safe_open
         from safetensors.torch import save_file
@@ -461,13 +461,17 @@ class PolicyTrainer:
             return self._export_layers(Path(directory), out_dtype)
         # Every tensor under the checkpoint's own name and layout (transformers may hold some differently in memory:
         # a mixture of experts' experts as one tensor), the adapted layers merged.
-        merged = {name: _weight_and_delta(module) for name, module in self._checked_layers().items()}
+        from ..models import weight_files
+
+        layers = self._checked_layers()
         state = {}
-        for path in sorted(Path(self.settings.base_model).glob("*.safetensors")):
+        for path in weight_files(Path(self.settings.base_model)):
             with safe_open(str(path), "pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    stored = f.get_tensor(name)
-                    tensor = stored if name not in merged else merged[name][0] + merged[name][1]
+                    tensor = stored = f.get_tensor(name)
+                    if name in layers:
+                        weight, delta = _weight_and_delta(layers[name])
+                        tensor = weight + delta
                     state[name] = tensor.to("cpu", out_dtype or stored.dtype).contiguous()
         target = Path(directory)
         tmp = target.with_name(f".{target.name}.tmp")
@@ -506,9 +510,7 @@ class PolicyTrainer:
     def _export_layers(self, target: Path, out_dtype: torch.dtype | None) -> dict[str, float]:
         """The layers the adapter touches, merged, written in place into `target`'s LayersFile."""
         started = time.monotonic()
-        layers = self._adapted_layers()
-        if self._layers_file is None:
-            layers = self._checked_layers()
+        layers = self._checked_layers() if self._layers_file is None else self._adapted_layers()
         specs = {}
         for name, module in layers.items():
             weight = module.get_base_layer().weight
