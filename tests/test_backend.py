@@ -49,7 +49,8 @@ async def trained(art_path):
                 for a, b in zip([lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m], lps, strict=True)
             ]
             record["logprob_gap"] = sum(diffs) / len(diffs)
-        result = await backend.train(model, groups, learning_rate=2e-4)
+        # As ART users write it: a checkpoint every third step (1 and 4); the newest step's is kept regardless.
+        result = await backend.train(model, groups, learning_rate=2e-4, save_checkpoint=step % 3 == 0)
         record["results"].append(result)
         # The first prefill under the new policy of a prompt cached under the old one.
         after = await rollout(model, questions[0])
@@ -143,6 +144,18 @@ async def test_gateway_routes_names_and_refuses_unknown_ones(trained):
     assert len(pieces) > 1 and "".join(pieces)
 
 
+def _checkpoints(art_path) -> list[int]:
+    return sorted(int(d.name) for d in (art_path / "tests" / "models" / "oneword" / "checkpoints").iterdir())
+
+
+async def test_save_checkpoint_false_affects_only_its_own_step(trained, art_path):
+    """ART's save_checkpoint: the checkpoints asked for stay; the others are gone once a newer step is durable (the
+    newest is kept: a resume or a failed next step publishes it again); checkpoint_path is None when not asked for."""
+    assert _checkpoints(art_path) == [0, 1, 4, STEPS]
+    assert [r.checkpoint_path is not None for r in trained["results"]] == [s % 3 == 1 for s in range(1, STEPS + 1)]
+    assert trained["results"][3].checkpoint_path.endswith("0004")
+
+
 async def test_resume_continues_at_the_last_step(trained, art_path):
     await trained["backend"].close()
     model = art.TrainableModel(name="oneword", project="tests", base_model=BASE)
@@ -152,7 +165,8 @@ async def test_resume_continues_at_the_last_step(trained, art_path):
         groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)
         result = await backend.train(model, groups, learning_rate=2e-4)
         assert result.step == STEPS + 1
-        assert (art_path / "tests" / "models" / "oneword" / "checkpoints" / f"{STEPS + 1:04d}").is_dir()
+        # The resumed step's checkpoint was not asked for: gone now that step 7's is durable.
+        assert _checkpoints(art_path) == [0, 1, 4, STEPS + 1]
 
 
 async def _requests_during(model, coro, n: int = 6):

@@ -34,6 +34,8 @@ from .trainer.data import prepare
 from .trainer.worker import TrainerGroup
 
 log = logging.getLogger("art_sglang")
+# In a checkpoint directory: saved with save_checkpoint=False (only because it is the newest step).
+UNREQUESTED = ".unrequested"
 
 
 @dataclass
@@ -101,7 +103,11 @@ async def train_step(
         )
         raise (TrainerCrashedError if isinstance(e, TrainerCrashedError) else StepFailedError)(message) from e
     previous, run.step = run.step, step
-    if not save_checkpoint and previous > 0:
+    # The newest step always has a checkpoint (a failed step and a resume publish it again); one that was not asked
+    # for is marked, and removed once a newer step is durable. A checkpoint asked for is never removed here.
+    if not save_checkpoint:
+        (checkpoint / UNREQUESTED).touch()
+    if (run.checkpoint(previous) / UNREQUESTED).exists():
         shutil.rmtree(run.checkpoint(previous), ignore_errors=True)
     metrics: dict[str, float] = {**train_metrics, **rollout}
     metrics.update({f"data/{k}": float(v) for k, v in prepared.counts.items()})
@@ -119,7 +125,7 @@ async def train_step(
         train_seconds,
         int(train_metrics.get("tokens", 0)),
     )
-    return LocalTrainResult(step=step, metrics=metrics, checkpoint_path=str(checkpoint))
+    return LocalTrainResult(step=step, metrics=metrics, checkpoint_path=str(checkpoint) if save_checkpoint else None)
 
 
 @contextlib.asynccontextmanager
