@@ -9,6 +9,7 @@ import openai
 import pytest
 from rollouts import BASE, gather, make_backend, rollout, served_gap
 
+from art_sglang import ArtSGLangError, ModelNotFoundError
 from art_sglang.tasks import ONE_WORD_QUESTIONS
 from art_sglang.trainer.data import prepare
 
@@ -167,6 +168,25 @@ async def test_resume_continues_at_the_last_step(trained, art_path):
         assert result.step == STEPS + 1
         # The resumed step's checkpoint was not asked for: gone now that step 7's is durable.
         assert _checkpoints(art_path) == [0, 1, 4, STEPS + 1]
+
+
+async def test_a_model_forked_from_a_checkpoint_starts_there(trained, art_path):
+    source = art_path / "tests" / "models" / "oneword" / "checkpoints"
+    model = art.TrainableModel(name="forked", project="tests", base_model=BASE)
+    async with make_backend(art_path) as backend:
+        with pytest.raises(ModelNotFoundError, match=r"no checkpoint at or before step 3 in .*nobody"):
+            await backend._experimental_fork_checkpoint(model, from_model="nobody", not_after_step=3)
+        await backend._experimental_fork_checkpoint(model, from_model="oneword", not_after_step=5)  # 1, 4, 7 kept
+        forked = art_path / "tests" / "models" / "forked" / "checkpoints" / "0004"
+        assert (forked / "adapter_model.safetensors").read_bytes() == (
+            source / "0004" / "adapter_model.safetensors"
+        ).read_bytes()
+        with pytest.raises(ArtSGLangError, match="already has step 4"):
+            await backend._experimental_fork_checkpoint(model, from_model="oneword", not_after_step=5)
+        await model.register(backend)
+        assert model.get_inference_name() == "forked@4"
+        mean, worst = await served_gap(backend, model)  # the forked adapter is what the server and trainer hold
+        assert mean < 1e-3 and worst < 1e-2
 
 
 async def _requests_during(model, coro, n: int = 6):

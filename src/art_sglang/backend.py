@@ -23,11 +23,11 @@ from art import LocalTrainResult
 from . import paths
 from .chat import ChatTemplate, tool_call_parser_for
 from .config import DeviceConfig, Placement, SGLangConfig, TrainerConfig, gpu_count, place
-from .errors import ArtSGLangError, ConfigError
+from .errors import ArtSGLangError, ConfigError, ModelNotFoundError
 from .gateway import Gateway
 from .models import lora_targets, resolve_base_model
 from .server import SGLangClient, SGLangServer
-from .step import ModelRun, republish_current, train_step, write_atomic
+from .step import UNREQUESTED, ModelRun, republish_current, train_step, write_atomic
 from .sync import METHODS, GpuTimeShare, SyncContext
 from .sync.check import check_served_policy
 from .trainer.core import StepOptions, TrainerSettings, restore_replaced
@@ -157,6 +157,53 @@ class SGLangBackend:
         for d in (paths.model_dir(model.project, model.name, self._path) / "checkpoints").glob("[0-9]*"):
             if d.name.isdigit() and int(d.name) not in keep:
                 shutil.rmtree(d, ignore_errors=True)
+
+    async def _experimental_fork_checkpoint(
+        self,
+        model: art.Model,
+        from_model: str,
+        from_project: str | None = None,
+        from_s3_bucket: str | None = None,
+        not_after_step: int | None = None,
+        verbose: bool = False,
+        prefix: str | None = None,
+    ) -> None:
+        """Start `model` from another model's local checkpoint, as ART does: its latest one (or the latest not after
+        `not_after_step`) is copied under the same step, and `model` resumes there. Call before `model.register`."""
+        if from_s3_bucket is not None:
+            raise ArtSGLangError(
+                "forking from S3 is not supported (nothing is downloaded at run time): copy the checkpoint into "
+                f"{self._path}/<project>/models/<name>/checkpoints/<step> and fork without from_s3_bucket"
+            )
+        if model.name in self._runs:
+            raise ArtSGLangError(f"fork into {model.name!r} before it trains: its server already serves a policy")
+        source = paths.model_dir(from_project or model.project, from_model, self._path) / "checkpoints"
+        steps = sorted(int(d.name) for d in source.glob("[0-9]*") if d.name.isdigit() and d.is_dir())
+        eligible = [s for s in steps if not_after_step is None or s <= not_after_step]
+        if not eligible:
+            limit = "" if not_after_step is None else f" at or before step {not_after_step}"
+            raise ModelNotFoundError(f"no checkpoint{limit} in {source} (steps there: {steps or 'none'})")
+        step = eligible[-1]
+        _check_checkpoint(source / f"{step:04d}")
+        target_dir = paths.model_dir(model.project, model.name, self._path)
+        existing = _latest_step(target_dir)
+        if existing is not None and existing >= step:
+            raise ArtSGLangError(
+                f"{model.name!r} already has step {existing}, at or after the forked step {step}: it would resume "
+                "there, not from the fork. Fork into a new model name."
+            )
+        target = paths.checkpoint_dir(target_dir, step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.fork-", dir=target.parent))
+        try:
+            shutil.copytree(source / f"{step:04d}", tmp, dirs_exist_ok=True)
+            (tmp / UNREQUESTED).unlink(missing_ok=True)  # a forked step is one the user asked for
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if verbose:
+            print(f"[art-sglang] forked {from_model} step {step} into {model.name}")
 
     async def _prepare_backend_for_training(self, model: art.TrainableModel, config: Any = None) -> tuple[str, str]:
         run = await self._ensure_run(model)
