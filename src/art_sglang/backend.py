@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from .errors import ArtSGLangError, ConfigError, ModelNotFoundError
 from .gateway import Gateway
 from .models import lora_targets, resolve_base_model
 from .server import SGLangClient, SGLangServer
-from .step import UNREQUESTED, ModelRun, republish_current, train_step, write_atomic
+from .step import UNREQUESTED, ModelRun, republish_current, sft_step, train_step, write_atomic
 from .sync import METHODS, GpuTimeShare, SyncContext
 from .sync.check import check_served_policy
 from .trainer.core import StepOptions, TrainerSettings, restore_replaced
@@ -52,10 +53,11 @@ _SUPPORTED = {
     "verbose",
 }
 _ART_DEFAULTS: dict[str, Any] = {
-    "loss_fn_config": None,
+    "loss_fn_config": None,  # ART's LocalBackend refuses these two as well
     "adam_params": None,
     "kl_penalty_reference_step": None,
     "kl_ref_adapter_path": None,
+    "kl_penalty_source": "current_learner",
     "advantage_balance": 0.0,
     "max_negative_advantage_importance_sampling_weight": None,
     "mask_prob_ratio": False,
@@ -63,11 +65,21 @@ _ART_DEFAULTS: dict[str, Any] = {
     "precalculate_logprobs": False,
     "plot_tensors": False,
     "truncated_importance_sampling": None,
-    "scale_learning_rate_by_reward_std_dev": False,
-    "logprob_calculation_chunk_size": 1024,
-    "packed_sequence_length": None,
     "num_trajectories_learning_rate_multiplier_power": 0.0,
+    "grad_accumulation_sequences": None,
 }
+# Options with no effect in ART's LocalBackend either (read only by its Megatron backend, or by nothing), and the
+# chunk size of the logprob pass, which changes memory, not values: accepted and, as there, without effect.
+_NO_EFFECT = {
+    "optimizer_save_interval",
+    "final_training_step",
+    "scale_learning_rate_by_reward_std_dev",
+    "logprob_calculation_chunk_size",
+}
+
+
+SFT_BATCH_SIZE = 2  # ART's LocalBackend default for TrainSFTConfig(batch_size="auto")
+SFT_LEARNING_RATE = 5e-5  # ART's TrainSFTConfig default
 
 
 def _lora_targets(base: Path, wanted: Any) -> list[str] | None:
@@ -209,8 +221,40 @@ class SGLangBackend:
         run = await self._ensure_run(model)
         return run.gateway.base_url, self.api_key or "art-sglang"
 
-    def _train_sft(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("SGLangBackend does not implement supervised fine-tuning (train_sft) yet.")
+    async def _train_sft(
+        self,
+        model: art.TrainableModel,
+        trajectories: Any,
+        config: Any = None,
+        dev_config: Any = None,
+        verbose: bool = False,
+    ) -> AsyncIterator[dict[str, float]]:
+        """Supervised fine-tuning as ART's LocalBackend does it (`model.train_sft`): the assistant turns of
+        `trajectories`, `config.batch_size` at a time (ART's default 2), one optimizer step per batch at its learning
+        rate. All batches make one new step, published and checkpointed like an RL step (all or nothing). Yields
+        each batch's metrics once the step is published."""
+        batch_size = getattr(config, "batch_size", "auto")
+        batch_size = SFT_BATCH_SIZE if batch_size == "auto" else batch_size
+        learning_rate = getattr(config, "learning_rate", SFT_LEARNING_RATE)
+        last_only = getattr(config, "assistant_turns", "all") == "last"  # ART 0.5.23
+        run = await self._ensure_run(model)
+        trajectories = list(trajectories)
+        async with run.lock:
+            max_length = self.trainer_config.max_sequence_length
+            result, batches = await sft_step(run, trajectories, learning_rate, batch_size, max_length, last_only)
+        if verbose:
+            print(f"[art-sglang] SFT step {result.step}: {len(batches)} batches, loss {result.metrics['loss']:.4f}")
+        data = {k: v for k, v in result.metrics.items() if k.startswith("data/")}
+        for batch in batches:
+            yield {
+                "loss/train": batch["loss"],
+                "loss/learning_rate": batch["learning_rate"],
+                "loss/grad_norm": batch["grad_norm"],
+                "data/step_num_trajectories": float(len(trajectories)),
+                "data/step_trainable_assistant_tokens": result.metrics["tokens"],
+                "data/step_num_dropped_trajectories": data.get("data/trajectories_dropped_overlong", 0.0),
+                "data/step_num_gradient_steps": float(len(batches)),
+            }
 
     async def train(self, model: art.TrainableModel, trajectory_groups: Any, **kwargs: Any) -> LocalTrainResult:
         """One RL step: save the trajectories, validate and tokenize, train, checkpoint, and put the new policy on
@@ -248,7 +292,7 @@ class SGLangBackend:
     # -- start-up ---------------------------------------------------------------------------------------
     def _train_options(self, kwargs: dict[str, Any]) -> tuple[StepOptions, dict[str, Any], bool]:
         for key, value in kwargs.items():
-            if key in _SUPPORTED:
+            if key in _SUPPORTED or key in _NO_EFFECT:
                 continue
             if key in _ART_DEFAULTS:
                 if value != _ART_DEFAULTS[key]:
@@ -257,6 +301,10 @@ class SGLangBackend:
                         value,
                         f"not supported by SGLangBackend yet: leave it at {_ART_DEFAULTS[key]!r}",
                     )
+                continue
+            if key == "packed_sequence_length":  # as ART: longer sequences are dropped (counted), none is packed
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 2):
+                    raise ConfigError(key, value, "None or an integer >= 2")
                 continue
             raise ConfigError(key, value, f"unknown train() option; supported: {', '.join(sorted(_SUPPORTED))}")
         scale = kwargs.get("scale_rewards", True) and kwargs.get("normalize_advantages", True)
@@ -274,11 +322,12 @@ class SGLangBackend:
         except ValueError as e:
             raise ConfigError("train()", kwargs, str(e)) from None
         tc = self.trainer_config
+        lengths = [n for n in (tc.max_sequence_length, kwargs.get("packed_sequence_length")) if n is not None]
         prep = {
             "scale_rewards": bool(scale),
             "allow_training_without_logprobs": bool(kwargs.get("allow_training_without_logprobs", False)),
-            "max_length": tc.max_sequence_length,
-            "overlong": tc.overlong,
+            "max_length": min(lengths) if lengths else None,
+            "overlong": "skip" if kwargs.get("packed_sequence_length") is not None else tc.overlong,
         }
         return StepOptions(float(lr), loss), prep, bool(kwargs.get("save_checkpoint", True))
 

@@ -3,7 +3,8 @@
 A step either completes (the server serves step N, the trainer is at step N) or leaves the model as it was at step
 N-1: the trainer is reloaded from N-1's checkpoint, N's checkpoint (if any was written) is removed, the gate is
 open and the server serves N-1. Only the trajectories stay (`train_inputs/N.jsonl`): nothing sampled is lost, and
-the next `train()` takes step N again with exactly one update.
+the next `train()` takes step N again with exactly one update. A supervised step (`train_sft`) is one step the same
+way, however many batches it trains.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from .server import SGLangClient, SGLangServer
 from .sync import GpuTimeShare, WeightSync
 from .trainer.core import StepOptions
 from .trainer.data import prepare
+from .trainer.sft import prepare_sft
 from .trainer.worker import TrainerGroup
 
 log = logging.getLogger("art_sglang")
@@ -66,12 +69,66 @@ class ModelRun:
 async def train_step(
     run: ModelRun, groups: list[Any], options: StepOptions, prep: dict[str, Any], save_checkpoint: bool
 ) -> LocalTrainResult:
-    """Take step `run.step + 1` on `groups`; the caller holds `run.lock`."""
-    started = time.monotonic()
-    step = run.step + 1
+    """Take RL step `run.step + 1` on `groups` (one optimizer step); the caller holds `run.lock`."""
+    started, step = time.monotonic(), run.step + 1
     inputs = paths.train_inputs(run.model_dir, step)
     write_atomic(inputs, "\n".join(g.model_dump_json() for g in groups))  # before anything can fail
     prepared = await asyncio.to_thread(prepare, groups, run.template, **prep)  # bad input: an error, nothing changed
+
+    async def train() -> dict[str, float]:
+        if not prepared.sequences:
+            log.warning("step %d: no trainable data (every group's rewards were equal); policy unchanged", step)
+            return {}
+        return await run.trainer.train(prepared.sequences, options)
+
+    return await _take_step(run, step, started, inputs, train, prepared.counts, save_checkpoint)
+
+
+async def sft_step(
+    run: ModelRun,
+    trajectories: list[Any],
+    learning_rate: float | list[float],
+    batch_size: int,
+    max_length: int | None,
+    last_only: bool,
+) -> tuple[LocalTrainResult, list[dict[str, float]]]:
+    """Take step `run.step + 1` as supervised fine-tuning (one optimizer step per batch), all or nothing like an RL
+    step; returns the step's result and each batch's metrics. The caller holds `run.lock`."""
+    started, step = time.monotonic(), run.step + 1
+    inputs = paths.train_inputs(run.model_dir, step).with_suffix(".sft.jsonl")
+    write_atomic(inputs, "\n".join(t.model_dump_json() for t in trajectories))
+    data = await asyncio.to_thread(
+        prepare_sft, trajectories, run.template, learning_rate, batch_size, max_length, last_only
+    )
+    batches: list[dict[str, float]] = []
+
+    async def train() -> dict[str, float]:
+        batches.clear()
+        for batch in data.batches:
+            if batch.sequences:
+                metrics = await run.trainer.sft(batch.sequences, batch.learning_rate)
+                batches.append({**metrics, "learning_rate": batch.learning_rate})
+        tokens = sum(b["tokens"] for b in batches)
+        return {
+            "loss": sum(b["loss"] * b["tokens"] for b in batches) / max(tokens, 1.0),
+            "tokens": tokens,
+            "optimizer_steps": float(len(batches)),
+        }
+
+    result = await _take_step(run, step, started, inputs, train, data.counts, save_checkpoint=True)
+    return result, batches
+
+
+async def _take_step(
+    run: ModelRun,
+    step: int,
+    started: float,
+    inputs: Path,
+    train: Callable[[], Awaitable[dict[str, float]]],
+    counts: Counter[str],
+    save_checkpoint: bool,
+) -> LocalTrainResult:
+    """Train, publish and checkpoint `step` once its inputs are saved and prepared; on any failure, recover."""
     rollout = rollout_metrics(run.gateway.take_counters())
     stage, server_pid = "train", run.server.pid
     train_metrics: dict[str, float] = {}
@@ -81,10 +138,7 @@ async def train_step(
         async with _held_until_published(run):
             async with run.timeshare.trainer_turn() if run.timeshare else contextlib.nullcontext():
                 t0 = time.monotonic()
-                if prepared.sequences:
-                    train_metrics = await run.trainer.train(prepared.sequences, options)
-                else:
-                    log.warning("step %d: no trainable data (every group's rewards were equal); policy unchanged", step)
+                train_metrics = await train()
                 train_seconds = time.monotonic() - t0
                 stage = "publish"  # the server gets the GPU back first
             sync_metrics = await run.sync.publish(step, run.checkpoint(step))
@@ -110,7 +164,7 @@ async def train_step(
     if (run.checkpoint(previous) / UNREQUESTED).exists():
         shutil.rmtree(run.checkpoint(previous), ignore_errors=True)
     metrics: dict[str, float] = {**train_metrics, **rollout}
-    metrics.update({f"data/{k}": float(v) for k, v in prepared.counts.items()})
+    metrics.update({f"data/{k}": float(v) for k, v in counts.items()})
     metrics.update({f"sync/{k}": float(v) for k, v in sync_metrics.items()})
     metrics["time/train_s"] = train_seconds
     metrics["time/sync_s"] = sync_metrics["sync_seconds"]

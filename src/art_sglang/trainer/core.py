@@ -26,6 +26,7 @@ from .pack import TensorPacker
 from .sequence import Sequence
 
 TRAINER_STATE = "trainer_state.pt"
+SFT_MAX_GRAD_NORM = 1.0  # ART's run_unsloth_sft_training
 # Besides weights and config.json, what a server needs to start from an exported directory.
 SERVABLE_FILES = (
     "tokenizer*",
@@ -232,6 +233,7 @@ class PolicyTrainer:
         self._packer = TensorPacker()  # the adapter's host memory for the server, reused every step
         self._adapter_names: dict[str, str] | None = None  # PEFT's name of each adapter parameter
         self._layers_file: LayersFile | None = None  # the `disk` sync's merged layers, rewritten in place
+        self._mode: str | None = None  # "rl" or "sft": what the optimizer's moments were gathered on
 
     # -- the RL step ------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -332,25 +334,56 @@ class PolicyTrainer:
                 has_kl = float(terms.kl_policy_ref is not None)
                 stats = [terms.policy_loss_sum, entropy.sum(), gaps.sum(), sampled.sum(), (gaps > 1e-2).sum()]
                 sums += torch.stack([t.double() for t in [*stats, kl, kl.new_tensor(has_kl)]])
+        grad_norm = self._optimizer_step("rl", options.learning_rate, self.settings.max_grad_norm)
+        return {
+            **dict(zip(names, sums.tolist(), strict=True)),
+            "gap_max": gap_max.item(),
+            "grad_norm": grad_norm,
+            "tokens": float(local_tokens),
+            "sequences": float(len(sequences)),
+            "train_seconds": time.monotonic() - started,
+        }
+
+    def sft_step(self, sequences: list[Sequence], learning_rate: float, total_tokens: int) -> dict[str, float]:
+        """One optimizer step of supervised fine-tuning, as ART's: cross-entropy summed over the batch's trained
+        tokens (`total_tokens` over all ranks) and divided by their number, gradients clipped at ART's SFT norm."""
+        started = time.monotonic()
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for idx in micro_batches(sequences, self.settings.micro_batch_tokens):
+            with self._autocast():
+                f = self._forward([sequences[i] for i in idx], 0)
+                lp, _ = token_logprobs(f["hidden"], self._lm_head(), f["targets"], self.settings.logprob_chunk)
+            loss = -lp.float().sum()
+            (loss / max(total_tokens, 1)).backward()
+            loss_sum += loss.detach().double()
+        grad_norm = self._optimizer_step("sft", learning_rate, SFT_MAX_GRAD_NORM)
+        return {
+            "loss_sum": loss_sum.item(),
+            "grad_norm": grad_norm,
+            "tokens": float(sum(sum(s.mask[1:]) for s in sequences)),
+            "train_seconds": time.monotonic() - started,
+        }
+
+    def _optimizer_step(self, mode: str, learning_rate: float, max_grad_norm: float) -> float:
+        """Sum gradients over ranks, clip, step AdamW; the gradient norm before clipping. AdamW's moments start
+        afresh when training switches between RL and SFT, as in ART."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.grad_sync is not None:
             self.grad_sync(grads)  # sums gradients over data-parallel ranks
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+        if mode != self._mode:
+            if self._mode is not None:
+                self.optimizer.state.clear()
+            self._mode = mode
         for group in self.optimizer.param_groups:
-            group["lr"] = options.learning_rate
+            group["lr"] = learning_rate
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {
-            **dict(zip(names, sums.tolist(), strict=True)),
-            "gap_max": gap_max.item(),
-            "grad_norm": grad_norm.item(),
-            "tokens": float(local_tokens),
-            "sequences": float(len(sequences)),
-            "train_seconds": time.monotonic() - started,
-        }
+        return grad_norm.item()
 
     @torch.no_grad()
     def sequence_logprobs(self, sequences: list[Sequence]) -> list[list[float]]:
@@ -378,6 +411,7 @@ class PolicyTrainer:
                 {
                     "step": self.step if step is None else step,
                     "optimizer": self.optimizer.state_dict(),
+                    "mode": self._mode,
                     "settings": asdict(self.settings),
                 },
                 tmp / TRAINER_STATE,
@@ -415,6 +449,7 @@ class PolicyTrainer:
             state = torch.load(state_file, map_location=where, weights_only=True)
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = int(state["step"])
+            self._mode = state.get("mode", "rl")
         else:
             self.step = int(directory.name) if directory.name.isdigit() else 0
         return self.step

@@ -63,6 +63,7 @@ def _worker_main(address: str, rank: int, world_size: int, dist_port: int) -> No
     conn.send(("ok", {"device": str(trainer.device), "dtype": str(trainer.dtype)}))
     handlers = {
         "train": lambda sequences, options: trainer.train_step(sequences, options),
+        "sft": lambda sequences, learning_rate, total_tokens: trainer.sft_step(sequences, learning_rate, total_tokens),
         "logprobs": lambda sequences: trainer.sequence_logprobs(sequences),
         "save_checkpoint": lambda directory, step: str(trainer.save_checkpoint(directory, step)),
         "load_checkpoint": lambda directory: trainer.load_checkpoint(directory),
@@ -253,17 +254,35 @@ class TrainerGroup:
             return await self._collect(command, ranks)
 
     # -- the interface the backend uses -----------------------------------------------------------------
-    async def train(self, sequences: list[Sequence], options: StepOptions) -> dict[str, float]:
-        """One optimizer step on all ranks; metrics summed over ranks, then averaged where they are means."""
+    def _shards(self, sequences: list[Sequence]) -> list[list[Sequence]]:
+        """The sequences split over the ranks, longest first onto the least loaded."""
         shards: list[list[Sequence]] = [[] for _ in range(self.world_size)]
         loads = [0] * self.world_size
         for s in sorted(sequences, key=len, reverse=True):
             r = loads.index(min(loads))
             shards[r].append(s)
             loads[r] += len(s)
+        return shards
+
+    async def sft(self, sequences: list[Sequence], learning_rate: float) -> dict[str, float]:
+        """One supervised optimizer step on all ranks: mean cross-entropy per trained token, its gradient norm."""
+        total = sum(sum(s.mask[1:]) for s in sequences)
+        kwargs = {"learning_rate": learning_rate, "total_tokens": total}
+        parts = await self.call("sft", per_rank=[{"sequences": sh, **kwargs} for sh in self._shards(sequences)])
+        return {
+            "loss": sum(p["loss_sum"] for p in parts) / max(total, 1),
+            "grad_norm": parts[0]["grad_norm"],
+            "tokens": float(total),
+            "train_seconds": max(p["train_seconds"] for p in parts),
+        }
+
+    async def train(self, sequences: list[Sequence], options: StepOptions) -> dict[str, float]:
+        """One optimizer step on all ranks; metrics summed over ranks, then averaged where they are means."""
         total = sum(sum(s.mask[1:]) for s in sequences)
         opts = StepOptions(options.learning_rate, options.loss, total_tokens=total)
-        parts = await self.call("train", per_rank=[{"sequences": sh, "options": opts} for sh in shards])
+        parts = await self.call(
+            "train", per_rank=[{"sequences": sh, "options": opts} for sh in self._shards(sequences)]
+        )
         not_summed = ("grad_norm", "train_seconds", "gap_max")
         summed = {k: sum(p[k] for p in parts) for k in parts[0] if k not in not_summed}
         tokens = max(summed["tokens"], 1.0)

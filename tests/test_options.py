@@ -1,0 +1,70 @@
+"""backend.train()'s options, checked before anything runs: what is taken, what has no effect (as in ART's
+LocalBackend), and what is refused with the reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from art_sglang import ConfigError, SGLangBackend, TrainerConfig
+from art_sglang.backend import _ART_DEFAULTS
+
+
+@pytest.fixture
+def backend(tmp_path) -> SGLangBackend:
+    return SGLangBackend(path=tmp_path, trainer_config=TrainerConfig(max_sequence_length=4096))
+
+
+def test_supported_options_reach_the_step(backend):
+    options, prep, save = backend._train_options(
+        {
+            "learning_rate": 1e-4,
+            "loss_fn": "ppo",
+            "epsilon": 0.1,
+            "normalize_advantages": False,
+            "save_checkpoint": False,
+        }
+    )
+    assert options.learning_rate == 1e-4 and options.loss.loss_fn == "ppo" and options.loss.epsilon == 0.1
+    assert prep["scale_rewards"] is False and save is False
+
+
+def test_packed_sequence_length_drops_longer_sequences_as_art(backend):
+    _, prep, _ = backend._train_options({"packed_sequence_length": 2048})
+    assert prep["max_length"] == 2048 and prep["overlong"] == "skip"
+    _, prep, _ = backend._train_options({"packed_sequence_length": 8192})  # TrainerConfig's limit is lower
+    assert prep["max_length"] == 4096
+    with pytest.raises(ConfigError, match="packed_sequence_length=1 is invalid"):
+        backend._train_options({"packed_sequence_length": 1})
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("optimizer_save_interval", 1),  # ART's Megatron backend only
+        ("final_training_step", 10),
+        ("scale_learning_rate_by_reward_std_dev", True),  # read by nothing in ART
+        ("logprob_calculation_chunk_size", 512),  # memory, not values
+    ],
+)
+def test_options_without_effect_in_arts_localbackend_are_accepted(backend, key, value):
+    backend._train_options({key: value})
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("advantage_balance", 0.5),
+        ("kl_penalty_source", "sample"),
+        ("grad_accumulation_sequences", 4),
+        ("adam_params", {"betas": (0.9, 0.95)}),
+    ],
+)
+def test_options_not_implemented_are_refused_unless_at_their_default(backend, key, value):
+    with pytest.raises(ConfigError, match=rf"{key}=.* not supported by SGLangBackend yet: leave it at"):
+        backend._train_options({key: value})
+    backend._train_options({key: _ART_DEFAULTS[key]})  # ART's default is accepted
+
+
+def test_an_unknown_option_names_the_supported_ones(backend):
+    with pytest.raises(ConfigError, match="learning_rte=.*unknown train\\(\\) option; supported: .*learning_rate"):
+        backend._train_options({"learning_rte": 1e-5})
