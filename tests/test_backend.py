@@ -189,6 +189,13 @@ async def test_a_model_forked_from_a_checkpoint_starts_there(trained, art_path):
         assert mean < 1e-3 and worst < 1e-2
 
 
+async def test_deleting_checkpoints_keeps_the_listed_steps_and_the_current_one(trained, art_path):
+    model = art.TrainableModel(name="oneword", project="tests", base_model=BASE)
+    async with make_backend(art_path) as backend:  # not registered: nothing starts
+        await backend._delete_checkpoint_files(model, [1])  # what model.delete_checkpoints() calls
+    assert _checkpoints(art_path) == [1, STEPS + 1]
+
+
 async def _requests_during(model, coro, n: int = 6):
     """Send requests continuously while `coro` runs; return their errors (there must be none)."""
     errors: list[BaseException] = []
