@@ -53,8 +53,33 @@ def random_batch(seed: int, batch: int = 3, length: int = 40):
         LossConfig(loss_fn="ppo", importance_sampling_level="sequence"),
         LossConfig(kl_penalty_coef=0.2),
         LossConfig(loss_fn="ppo", kl_penalty_coef=0.5),
+        LossConfig(importance_sampling_level="average"),
+        LossConfig(loss_fn="ppo", importance_sampling_level="geometric_average"),
+        LossConfig(max_negative_advantage_importance_sampling_weight=1.1),
+        LossConfig(loss_fn="ppo", max_negative_advantage_importance_sampling_weight=0.9),
+        LossConfig(mask_prob_ratio=True, epsilon=0.3, epsilon_high=0.3),
+        LossConfig(loss_fn="ppo", mask_prob_ratio=True),
+        LossConfig(kimi_k2_tau=0.5),
+        LossConfig(loss_fn="ppo", kimi_k2_tau=0.1, kl_penalty_coef=0.2, importance_sampling_level="sequence"),
     ],
-    ids=["cispo", "ppo", "ppo-eps", "cispo-eps", "cispo-seq", "ppo-seq", "cispo-kl", "ppo-kl"],
+    ids=[
+        "cispo",
+        "ppo",
+        "ppo-eps",
+        "cispo-eps",
+        "cispo-seq",
+        "ppo-seq",
+        "cispo-kl",
+        "ppo-kl",
+        "cispo-avg",
+        "ppo-geo",
+        "cispo-maxw",
+        "ppo-maxw",
+        "cispo-mask",
+        "ppo-mask",
+        "cispo-tau",
+        "ppo-tau-kl-seq",
+    ],  # fmt: skip
 )
 def test_loss_and_gradient_match_art(seed, config):
     inputs, new, ref = random_batch(seed)
@@ -62,6 +87,9 @@ def test_loss_and_gradient_match_art(seed, config):
         "ppo": config.loss_fn == "ppo",
         "importance_sampling_level": config.importance_sampling_level,
         "kl_penalty_coef": config.kl_penalty_coef,
+        "max_negative_advantage_importance_sampling_weight": config.max_negative_advantage_importance_sampling_weight,
+        "mask_prob_ratio": config.mask_prob_ratio,
+        "kimi_k2_tau": config.kimi_k2_tau,
     }
     if config.epsilon is not None:
         art_config["epsilon"] = config.epsilon
@@ -94,5 +122,7 @@ def test_loss_and_gradient_match_art(seed, config):
 def test_invalid_loss_options_are_named():
     with pytest.raises(ValueError, match="loss_fn='grpo'"):
         LossConfig(loss_fn="grpo")
-    with pytest.raises(ValueError, match="importance_sampling_level='average'"):
-        LossConfig(importance_sampling_level="average")
+    with pytest.raises(ValueError, match="importance_sampling_level='mean'"):
+        LossConfig(importance_sampling_level="mean")
+    with pytest.raises(ValueError, match="kimi_k2_tau='0.1'"):
+        LossConfig(kimi_k2_tau="0.1")

@@ -26,6 +26,13 @@ def test_supported_options_reach_the_step(backend):
     )
     assert options.learning_rate == 1e-4 and options.loss.loss_fn == "ppo" and options.loss.epsilon == 0.1
     assert prep["scale_rewards"] is False and save is False
+    options, _, _ = backend._train_options(
+        {"mask_prob_ratio": True, "kimi_k2_tau": 0.1, "max_negative_advantage_importance_sampling_weight": 2.0}
+    )  # their loss is checked against ART's in test_loss.py
+    assert options.loss.mask_prob_ratio and options.loss.kimi_k2_tau == 0.1
+    assert options.loss.max_negative_advantage_importance_sampling_weight == 2.0
+    with pytest.raises(ConfigError, match="kimi_k2_tau='x' is invalid"):
+        backend._train_options({"kimi_k2_tau": "x"})
 
 
 def test_packed_sequence_length_drops_longer_sequences_as_art(backend):

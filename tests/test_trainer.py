@@ -183,6 +183,7 @@ async def test_two_gloo_workers_equal_one_process(tok, tiny_model, tmp_path):
         try:
             assert len(group.pids) == workers
             metrics = await group.train(seqs, options)
+            metrics["sft"] = await group.sft(seqs, 1e-2)  # a supervised step after it: the same over 2 ranks too
             ckpt = await group.save_checkpoint(tmp_path / f"w{workers}" / "ckpt", step=1)
         finally:
             await group.shutdown()
@@ -194,6 +195,9 @@ async def test_two_gloo_workers_equal_one_process(tok, tiny_model, tmp_path):
     assert m1["tokens"] == m2["tokens"]
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-4)
+    assert (
+        m1["sft"]["loss"] == pytest.approx(m2["sft"]["loss"], rel=1e-4) and m1["sft"]["tokens"] == m2["sft"]["tokens"]
+    )
 
 
 async def test_a_dead_worker_raises_clearly_instead_of_hanging(tok, tiny_model, tmp_path):

@@ -48,6 +48,9 @@ _SUPPORTED = {
     "normalize_advantages",
     "importance_sampling_level",
     "kl_penalty_coef",
+    "max_negative_advantage_importance_sampling_weight",
+    "mask_prob_ratio",
+    "kimi_k2_tau",
     "allow_training_without_logprobs",
     "save_checkpoint",
     "verbose",
@@ -59,9 +62,6 @@ _ART_DEFAULTS: dict[str, Any] = {
     "kl_ref_adapter_path": None,
     "kl_penalty_source": "current_learner",
     "advantage_balance": 0.0,
-    "max_negative_advantage_importance_sampling_weight": None,
-    "mask_prob_ratio": False,
-    "kimi_k2_tau": None,
     "precalculate_logprobs": False,
     "plot_tensors": False,
     "truncated_importance_sampling": None,
@@ -318,6 +318,11 @@ class SGLangBackend:
                 epsilon_high=kwargs.get("epsilon_high"),
                 importance_sampling_level=kwargs.get("importance_sampling_level", "token"),
                 kl_penalty_coef=float(kwargs.get("kl_penalty_coef", 0.0)),
+                max_negative_advantage_importance_sampling_weight=kwargs.get(
+                    "max_negative_advantage_importance_sampling_weight"
+                ),
+                mask_prob_ratio=bool(kwargs.get("mask_prob_ratio", False)),
+                kimi_k2_tau=kwargs.get("kimi_k2_tau"),
             )
         except ValueError as e:
             raise ConfigError("train()", kwargs, str(e)) from None

@@ -12,22 +12,32 @@ from typing import Literal
 
 import torch
 
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "average", "geometric_average")
+
 
 @dataclass
 class LossConfig:
     loss_fn: Literal["cispo", "ppo"] = "cispo"
     epsilon: float | None = None  # None: 0.2 for ppo, 1.0 for cispo
     epsilon_high: float | None = None  # None: epsilon for ppo, 4.0 for cispo
-    importance_sampling_level: Literal["token", "sequence"] = "token"
+    importance_sampling_level: Literal["token", "sequence", "average", "geometric_average"] = "token"
     kl_penalty_coef: float = 0.0
+    max_negative_advantage_importance_sampling_weight: float | None = None  # as ART: caps every token's ratio
+    mask_prob_ratio: bool = False  # ratios outside the clip range count as 0
+    kimi_k2_tau: float | None = None  # advantages minus tau * (new - old logprob)
 
     def __post_init__(self) -> None:
         if self.loss_fn not in ("cispo", "ppo"):
             raise ValueError(f"loss_fn={self.loss_fn!r} is invalid: 'cispo' or 'ppo'")
-        if self.importance_sampling_level not in ("token", "sequence"):
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             raise ValueError(
-                f"importance_sampling_level={self.importance_sampling_level!r} is invalid: 'token' or 'sequence'"
+                f"importance_sampling_level={self.importance_sampling_level!r} is invalid: one of "
+                f"{', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
             )
+        for name in ("max_negative_advantage_importance_sampling_weight", "kimi_k2_tau"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool)):
+                raise ValueError(f"{name}={value!r} is invalid: None or a number")
 
     def clip_range(self) -> tuple[float, float]:
         if self.loss_fn == "ppo":
@@ -70,17 +80,30 @@ def policy_loss(
     mask = mask.to(new_logprobs.dtype)
     old = torch.where(torch.isnan(old_logprobs), new_logprobs.detach(), old_logprobs)
     diff = new_logprobs - old
-    if config.importance_sampling_level == "sequence":
-        ratio = torch.exp(sequence_mean(diff, seq_ids, mask))
-    else:
-        ratio = torch.exp(diff)
+    ratio = torch.exp(diff)
+    level = config.importance_sampling_level
+    if level != "token":
+        sequence_ratio = torch.exp(sequence_mean(diff, seq_ids, mask))
+        if level == "sequence":
+            ratio = sequence_ratio
+        elif level == "average":
+            ratio = (ratio + sequence_ratio) / 2
+        else:  # geometric_average
+            ratio = ratio**0.5 * sequence_ratio**0.5
+    low, high = config.clip_range()
+    # In ART's order, and as ART tests them (a 0 turns an option off).
+    if config.max_negative_advantage_importance_sampling_weight:
+        ratio = torch.clamp(ratio, max=config.max_negative_advantage_importance_sampling_weight)
+    if config.mask_prob_ratio:
+        ratio = torch.where((ratio > low) & (ratio < high), ratio, 0.0)
+    if config.kimi_k2_tau:
+        advantages = advantages - config.kimi_k2_tau * diff.detach()
     kl = None
     if config.kl_penalty_coef > 0 and ref_logprobs is not None:
         # ART's KL shaping: tokens that drift further from the reference than average lose advantage.
         kl_per_token = (new_logprobs - ref_logprobs).detach() * mask
         kl = kl_per_token.sum() / (mask.sum() + 1e-6)
         advantages = advantages + config.kl_penalty_coef * (kl - kl_per_token) * mask
-    low, high = config.clip_range()
     if config.loss_fn == "ppo":
         loss = -torch.min(ratio * advantages, torch.clip(ratio, low, high) * advantages)
     else:  # CISPO: clipped, detached importance weight times the REINFORCE term
