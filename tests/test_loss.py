@@ -119,6 +119,40 @@ def test_loss_and_gradient_match_art(seed, config):
     assert torch.allclose(new_ours.grad, new_art.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("loss_fn", ["cispo", "ppo"])
+def test_truncated_importance_sampling_matches_art(seed, loss_fn):
+    """With precalculated logprobs (the trainer's, before the step) and the sampler's as the original ones."""
+    inputs, new, ref = random_batch(seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    original = inputs["logprobs"] + torch.randn(inputs["logprobs"].shape, generator=g) * 0.5
+    original[1, 12] = torch.nan  # an unknown sampler logprob
+    inputs = {**inputs, "original_logprobs": original}
+    config = LossConfig(loss_fn=loss_fn, truncated_importance_sampling=1.5)
+    new_art = new.clone().requires_grad_()
+    art_config = {"ppo": loss_fn == "ppo", "truncated_importance_sampling": 1.5}
+    expected = art_loss_fn(inputs, new_art, None, None, art_config).policy_loss
+    expected.backward()
+    new_ours = new.clone().requires_grad_()
+    mask = shifted(inputs["assistant_mask"], False)
+    terms = policy_loss(
+        new_ours,
+        shifted(inputs["logprobs"], float("nan")),
+        shifted(inputs["advantages"], 0.0),
+        shifted(inputs["weights"], 0.0),
+        mask,
+        shifted(inputs["group_ids"], 0),
+        config,
+        original_logprobs=shifted(original, 0.0),
+    )
+    ours = terms.policy_loss_sum / (mask.sum() + 1e-6)
+    ours.backward()
+    assert abs(ours.item() - expected.item()) < 1e-6
+    assert torch.allclose(new_ours.grad, new_art.grad, atol=1e-6)
+    with pytest.raises(ValueError, match="precalculate_logprobs=True"):
+        policy_loss(new, new, new, new, mask, shifted(inputs["group_ids"], 0), config)
+
+
 def test_invalid_loss_options_are_named():
     with pytest.raises(ValueError, match="loss_fn='grpo'"):
         LossConfig(loss_fn="grpo")

@@ -33,6 +33,10 @@ def test_supported_options_reach_the_step(backend):
     assert options.loss.max_negative_advantage_importance_sampling_weight == 2.0
     with pytest.raises(ConfigError, match="kimi_k2_tau='x' is invalid"):
         backend._train_options({"kimi_k2_tau": "x"})
+    options, _, _ = backend._train_options({"precalculate_logprobs": True, "truncated_importance_sampling": 2.0})
+    assert options.precalculate_logprobs and options.loss.truncated_importance_sampling == 2.0
+    with pytest.raises(ConfigError, match="truncated_importance_sampling=2.0 .*pass precalculate_logprobs=True"):
+        backend._train_options({"truncated_importance_sampling": 2.0})
 
 
 def test_packed_sequence_length_drops_longer_sequences_as_art(backend):

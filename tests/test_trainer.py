@@ -319,3 +319,22 @@ def test_merged_exports_refuse_layers_the_checkpoint_names_otherwise(tiny_model,
     for changed_only in (False, True):
         with pytest.raises(RuntimeError, match=r"not in the base checkpoint under these names.*'lora'"):
             trainer.export_merged(tmp_path / f"out-{changed_only}", changed_only=changed_only)
+
+
+def test_precalculated_logprobs_replace_the_samplers_as_the_old_policy(tiny_model):
+    """ART's precalculate_logprobs: the ratio is taken against the policy before the update, whatever the sampler
+    reported; so a step on wildly wrong sampler logprobs equals one on unknown ones (treated as the current policy)."""
+    from art_sglang.trainer.core import PolicyTrainer
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (30,), generator=g).tolist()
+    mask = [i >= 10 for i in range(30)]
+    updates = []
+    for logprobs, precalculate in (([math.nan] * 30, False), ([-20.0] * 30, True)):
+        trainer = PolicyTrainer(TrainerSettings(str(tiny_model), threads=1, seed=3))
+        sequence = Sequence(ids, logprobs, mask, 1.0, 1.0 / 20, 0)
+        metrics = trainer.train_step([sequence], StepOptions(1e-2, LossConfig(), precalculate_logprobs=precalculate))
+        updates.append((metrics["loss_sum"], trainer.sequence_logprobs([sequence])[0]))
+    (loss_a, after_a), (loss_b, after_b) = updates
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert after_a == pytest.approx(after_b, abs=1e-6)

@@ -51,6 +51,8 @@ _SUPPORTED = {
     "max_negative_advantage_importance_sampling_weight",
     "mask_prob_ratio",
     "kimi_k2_tau",
+    "precalculate_logprobs",
+    "truncated_importance_sampling",
     "allow_training_without_logprobs",
     "save_checkpoint",
     "verbose",
@@ -62,9 +64,7 @@ _ART_DEFAULTS: dict[str, Any] = {
     "kl_ref_adapter_path": None,
     "kl_penalty_source": "current_learner",
     "advantage_balance": 0.0,
-    "precalculate_logprobs": False,
     "plot_tensors": False,
-    "truncated_importance_sampling": None,
     "num_trajectories_learning_rate_multiplier_power": 0.0,
     "grad_accumulation_sequences": None,
 }
@@ -323,9 +323,17 @@ class SGLangBackend:
                 ),
                 mask_prob_ratio=bool(kwargs.get("mask_prob_ratio", False)),
                 kimi_k2_tau=kwargs.get("kimi_k2_tau"),
+                truncated_importance_sampling=kwargs.get("truncated_importance_sampling"),
             )
         except ValueError as e:
             raise ConfigError("train()", kwargs, str(e)) from None
+        precalculate = bool(kwargs.get("precalculate_logprobs", False))
+        if loss.truncated_importance_sampling and not precalculate:  # ART 0.5.23 warns and skips it
+            raise ConfigError(
+                "truncated_importance_sampling",
+                loss.truncated_importance_sampling,
+                "it corrects between the sampler's and the precalculated logprobs: pass precalculate_logprobs=True",
+            )
         tc = self.trainer_config
         lengths = [n for n in (tc.max_sequence_length, kwargs.get("packed_sequence_length")) if n is not None]
         prep = {
@@ -334,7 +342,8 @@ class SGLangBackend:
             "max_length": min(lengths) if lengths else None,
             "overlong": "skip" if kwargs.get("packed_sequence_length") is not None else tc.overlong,
         }
-        return StepOptions(float(lr), loss), prep, bool(kwargs.get("save_checkpoint", True))
+        options = StepOptions(float(lr), loss, precalculate_logprobs=precalculate)
+        return options, prep, bool(kwargs.get("save_checkpoint", True))
 
     async def _ensure_run(self, model: art.TrainableModel) -> ModelRun:
         if model.name in self._runs:

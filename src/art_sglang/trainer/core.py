@@ -84,6 +84,9 @@ class StepOptions:
     learning_rate: float = 5e-6
     loss: LossConfig = field(default_factory=LossConfig)
     total_tokens: int | None = None  # trainable tokens over all ranks (the loss is a mean over them)
+    # ART's precalculate_logprobs: the policy's logprobs before the update are the "old" ones (the sampler's become
+    # the original ones, for truncated importance sampling). With one optimizer step per call they are this step's.
+    precalculate_logprobs: bool = False
 
 
 def _resolve(settings: TrainerSettings) -> tuple[torch.device, torch.dtype]:
@@ -314,15 +317,17 @@ class PolicyTrainer:
                         ref_lp, _ = token_logprobs(h[f["rows"], f["cols"]], self._lm_head(), f["targets"], chunk)
             offset += len(batch)
             ones = torch.ones_like(new_lp)
+            old, original = (new_lp.detach().float(), f["old"]) if options.precalculate_logprobs else (f["old"], None)
             terms = policy_loss(
                 new_lp[None],
-                f["old"][None],
+                old[None],
                 f["adv"][None],
                 f["weight"][None],
                 ones[None],
                 f["seq_ids"][None],
                 cfg,
                 None if ref_lp is None else ref_lp[None],
+                None if original is None else original[None],
             )
             (terms.policy_loss_sum / denominator).backward()
             with torch.no_grad():

@@ -25,6 +25,7 @@ class LossConfig:
     max_negative_advantage_importance_sampling_weight: float | None = None  # as ART: caps every token's ratio
     mask_prob_ratio: bool = False  # ratios outside the clip range count as 0
     kimi_k2_tau: float | None = None  # advantages minus tau * (new - old logprob)
+    truncated_importance_sampling: float | None = None  # loss * min(p_old / p_sampler, U): needs original logprobs
 
     def __post_init__(self) -> None:
         if self.loss_fn not in ("cispo", "ppo"):
@@ -34,7 +35,11 @@ class LossConfig:
                 f"importance_sampling_level={self.importance_sampling_level!r} is invalid: one of "
                 f"{', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
             )
-        for name in ("max_negative_advantage_importance_sampling_weight", "kimi_k2_tau"):
+        for name in (
+            "max_negative_advantage_importance_sampling_weight",
+            "kimi_k2_tau",
+            "truncated_importance_sampling",
+        ):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool)):
                 raise ValueError(f"{name}={value!r} is invalid: None or a number")
@@ -75,8 +80,11 @@ def policy_loss(
     seq_ids: torch.Tensor,
     config: LossConfig,
     ref_logprobs: torch.Tensor | None = None,
+    original_logprobs: torch.Tensor | None = None,
 ) -> LossTerms:
-    """`seq_ids` numbers the sequences from 1 (0 = padding); it matters for sequence-level importance sampling."""
+    """`seq_ids` numbers the sequences from 1 (0 = padding); it matters for sequence-level importance sampling.
+    `original_logprobs`: the sampler's, where `old_logprobs` were computed by the trainer before the step (ART's
+    precalculate_logprobs); truncated importance sampling corrects between the two."""
     mask = mask.to(new_logprobs.dtype)
     old = torch.where(torch.isnan(old_logprobs), new_logprobs.detach(), old_logprobs)
     diff = new_logprobs - old
@@ -108,4 +116,9 @@ def policy_loss(
         loss = -torch.min(ratio * advantages, torch.clip(ratio, low, high) * advantages)
     else:  # CISPO: clipped, detached importance weight times the REINFORCE term
         loss = -(torch.clip(ratio.detach(), low, high) * advantages * new_logprobs)
+    if config.truncated_importance_sampling:
+        if original_logprobs is None:
+            raise ValueError("truncated_importance_sampling needs the sampler's logprobs (precalculate_logprobs=True)")
+        original = torch.where(torch.isnan(original_logprobs), new_logprobs.detach(), original_logprobs)
+        loss = loss * torch.clamp(torch.exp(old - original), max=config.truncated_importance_sampling).detach()
     return LossTerms((loss * weights * mask).sum(), kl)
