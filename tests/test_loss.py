@@ -153,10 +153,33 @@ def test_truncated_importance_sampling_matches_art(seed, loss_fn):
         policy_loss(new, new, new, new, mask, shifted(inputs["group_ids"], 0), config)
 
 
+@pytest.mark.parametrize("loss_fn", ["cispo", "ppo"])
+def test_kl_penalty_from_the_samples_shapes_advantages_with_the_sampler_logprobs(loss_fn):
+    """ART 0.5.23's kl_penalty_source="sample" (not in the 0.5.18 installed here, so written out from its code):
+    advantages + coef * (mean KL - KL per token), the KL of the sampler's logprobs against the reference."""
+    inputs, new, ref = random_batch(3)
+    mask = shifted(inputs["assistant_mask"], False)
+    old = shifted(inputs["logprobs"], float("nan"))
+    adv, weights, seq_ids = (shifted(inputs[k], 0) for k in ("advantages", "weights", "group_ids"))
+    filled = torch.where(torch.isnan(old), new, old)
+    kl_per_token = (filled - ref) * mask
+    shaped = adv + 0.3 * (kl_per_token.sum() / (mask.sum() + 1e-6) - kl_per_token) * mask
+    sample = LossConfig(loss_fn=loss_fn, kl_penalty_coef=0.3, kl_penalty_source="sample")
+    ours = policy_loss(new, old, adv, weights, mask, seq_ids, sample, ref_logprobs=ref).policy_loss_sum
+    expected = policy_loss(new, old, shaped, weights, mask, seq_ids, LossConfig(loss_fn=loss_fn)).policy_loss_sum
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+    learner = LossConfig(loss_fn=loss_fn, kl_penalty_coef=0.3)
+    assert policy_loss(new, old, adv, weights, mask, seq_ids, learner, ref).policy_loss_sum.item() != pytest.approx(
+        ours.item(), rel=1e-3
+    )
+
+
 def test_invalid_loss_options_are_named():
     with pytest.raises(ValueError, match="loss_fn='grpo'"):
         LossConfig(loss_fn="grpo")
     with pytest.raises(ValueError, match="importance_sampling_level='mean'"):
         LossConfig(importance_sampling_level="mean")
+    with pytest.raises(ValueError, match="kl_penalty_source='teacher'"):
+        LossConfig(kl_penalty_source="teacher")
     with pytest.raises(ValueError, match="kimi_k2_tau='0.1'"):
         LossConfig(kimi_k2_tau="0.1")

@@ -48,6 +48,7 @@ _SUPPORTED = {
     "normalize_advantages",
     "importance_sampling_level",
     "kl_penalty_coef",
+    "kl_penalty_source",
     "max_negative_advantage_importance_sampling_weight",
     "mask_prob_ratio",
     "kimi_k2_tau",
@@ -62,7 +63,6 @@ _ART_DEFAULTS: dict[str, Any] = {
     "adam_params": None,
     "kl_penalty_reference_step": None,
     "kl_ref_adapter_path": None,
-    "kl_penalty_source": "current_learner",
     "advantage_balance": 0.0,
     "plot_tensors": False,
     "num_trajectories_learning_rate_multiplier_power": 0.0,
@@ -318,6 +318,7 @@ class SGLangBackend:
                 epsilon_high=kwargs.get("epsilon_high"),
                 importance_sampling_level=kwargs.get("importance_sampling_level", "token"),
                 kl_penalty_coef=float(kwargs.get("kl_penalty_coef", 0.0)),
+                kl_penalty_source=kwargs.get("kl_penalty_source", "current_learner"),
                 max_negative_advantage_importance_sampling_weight=kwargs.get(
                     "max_negative_advantage_importance_sampling_weight"
                 ),

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "average", "geometric_average")
+LOG_RATIO_BOUND = 20.0  # ART 0.5.23 clamps log-ratios here before exp (fp32)
 
 
 @dataclass
@@ -22,6 +23,7 @@ class LossConfig:
     epsilon_high: float | None = None  # None: epsilon for ppo, 4.0 for cispo
     importance_sampling_level: Literal["token", "sequence", "average", "geometric_average"] = "token"
     kl_penalty_coef: float = 0.0
+    kl_penalty_source: Literal["current_learner", "sample"] = "current_learner"  # whose logprobs the KL is of
     max_negative_advantage_importance_sampling_weight: float | None = None  # as ART: caps every token's ratio
     mask_prob_ratio: bool = False  # ratios outside the clip range count as 0
     kimi_k2_tau: float | None = None  # advantages minus tau * (new - old logprob)
@@ -35,6 +37,8 @@ class LossConfig:
                 f"importance_sampling_level={self.importance_sampling_level!r} is invalid: one of "
                 f"{', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
             )
+        if self.kl_penalty_source not in ("current_learner", "sample"):
+            raise ValueError(f"kl_penalty_source={self.kl_penalty_source!r} is invalid: 'current_learner' or 'sample'")
         for name in (
             "max_negative_advantage_importance_sampling_weight",
             "kimi_k2_tau",
@@ -86,12 +90,12 @@ def policy_loss(
     `original_logprobs`: the sampler's, where `old_logprobs` were computed by the trainer before the step (ART's
     precalculate_logprobs); truncated importance sampling corrects between the two."""
     mask = mask.to(new_logprobs.dtype)
-    old = torch.where(torch.isnan(old_logprobs), new_logprobs.detach(), old_logprobs)
+    old = torch.where(torch.isfinite(old_logprobs), old_logprobs, new_logprobs.detach())
     diff = new_logprobs - old
-    ratio = torch.exp(diff)
+    ratio = torch.exp(diff.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     level = config.importance_sampling_level
     if level != "token":
-        sequence_ratio = torch.exp(sequence_mean(diff, seq_ids, mask))
+        sequence_ratio = torch.exp(sequence_mean(diff, seq_ids, mask).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
         if level == "sequence":
             ratio = sequence_ratio
         elif level == "average":
@@ -109,7 +113,8 @@ def policy_loss(
     kl = None
     if config.kl_penalty_coef > 0 and ref_logprobs is not None:
         # ART's KL shaping: tokens that drift further from the reference than average lose advantage.
-        kl_per_token = (new_logprobs - ref_logprobs).detach() * mask
+        source = old if config.kl_penalty_source == "sample" else new_logprobs
+        kl_per_token = (source - ref_logprobs).detach() * mask
         kl = kl_per_token.sum() / (mask.sum() + 1e-6)
         advantages = advantages + config.kl_penalty_coef * (kl - kl_per_token) * mask
     if config.loss_fn == "ppo":
