@@ -12,7 +12,7 @@ from trajectories import answer_ids, choice, trajectory
 
 from art_sglang import TrajectoryError
 from art_sglang.chat import ChatTemplate
-from art_sglang.trainer.data import advantages, prepare
+from art_sglang.trainer.data import advantages, balance, prepare
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +178,14 @@ def test_advantages_follow_art():
     assert advantages([1.0, 0.0], scale_rewards=False) == [0.5, -0.5]
     scaled = advantages([1.0, 0.0, 0.0, 1.0], scale_rewards=True)
     assert scaled == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-5)
+
+
+def test_advantage_balance_scales_one_side_as_art(tok, template):
+    assert balance([1.0, -1.0, 0.0], 0.25) == [1.0, -0.75, 0.0]
+    assert balance([1.0, -1.0], -0.5) == [0.5, -1.0]
+    mixed = art.TrajectoryGroup([trajectory(tok, "Q", "a", 1.0), trajectory(tok, "Q", "b", 0.0)])
+    sequences = prepare([mixed], template, scale_rewards=False, advantage_balance=0.5).sequences
+    assert sorted(s.advantage for s in sequences) == [-0.25, 0.5]
 
 
 def test_zero_variance_groups_are_skipped_and_counted(tok, template):

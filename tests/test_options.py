@@ -32,6 +32,9 @@ def test_supported_options_reach_the_step(backend):
     assert options.loss.mask_prob_ratio and options.loss.kimi_k2_tau == 0.1
     assert options.loss.max_negative_advantage_importance_sampling_weight == 2.0
     assert backend._train_options({"kl_penalty_source": "sample"})[0].loss.kl_penalty_source == "sample"
+    assert backend._train_options({"advantage_balance": -0.5})[1]["advantage_balance"] == -0.5
+    with pytest.raises(ConfigError, match="advantage_balance=2 is invalid: a number from -1 to 1"):
+        backend._train_options({"advantage_balance": 2})
     with pytest.raises(ConfigError, match="kimi_k2_tau='x' is invalid"):
         backend._train_options({"kimi_k2_tau": "x"})
     options, _, _ = backend._train_options({"precalculate_logprobs": True, "truncated_importance_sampling": 2.0})
@@ -65,7 +68,7 @@ def test_options_without_effect_in_arts_localbackend_are_accepted(backend, key, 
 @pytest.mark.parametrize(
     "key, value",
     [
-        ("advantage_balance", 0.5),
+        ("plot_tensors", True),
         ("kl_ref_adapter_path", "/checkpoints/0003"),
         ("grad_accumulation_sequences", 4),
         ("adam_params", {"betas": (0.9, 0.95)}),

@@ -49,6 +49,7 @@ _SUPPORTED = {
     "importance_sampling_level",
     "kl_penalty_coef",
     "kl_penalty_source",
+    "advantage_balance",
     "max_negative_advantage_importance_sampling_weight",
     "mask_prob_ratio",
     "kimi_k2_tau",
@@ -63,7 +64,6 @@ _ART_DEFAULTS: dict[str, Any] = {
     "adam_params": None,
     "kl_penalty_reference_step": None,
     "kl_ref_adapter_path": None,
-    "advantage_balance": 0.0,
     "plot_tensors": False,
     "num_trajectories_learning_rate_multiplier_power": 0.0,
     "grad_accumulation_sequences": None,
@@ -328,6 +328,9 @@ class SGLangBackend:
             )
         except ValueError as e:
             raise ConfigError("train()", kwargs, str(e)) from None
+        balance_value = kwargs.get("advantage_balance", 0.0)
+        if not isinstance(balance_value, int | float) or isinstance(balance_value, bool) or abs(balance_value) > 1:
+            raise ConfigError("advantage_balance", balance_value, "a number from -1 to 1 (0: off)")
         precalculate = bool(kwargs.get("precalculate_logprobs", False))
         if loss.truncated_importance_sampling and not precalculate:  # ART 0.5.23 warns and skips it
             raise ConfigError(
@@ -342,6 +345,7 @@ class SGLangBackend:
             "allow_training_without_logprobs": bool(kwargs.get("allow_training_without_logprobs", False)),
             "max_length": min(lengths) if lengths else None,
             "overlong": "skip" if kwargs.get("packed_sequence_length") is not None else tc.overlong,
+            "advantage_balance": float(balance_value),
         }
         options = StepOptions(float(lr), loss, precalculate_logprobs=precalculate)
         return options, prep, bool(kwargs.get("save_checkpoint", True))

@@ -79,6 +79,15 @@ def advantages(rewards: list[float], scale_rewards: bool) -> list[float]:
     return [(r - mean) / (std + 1e-6) if scale_rewards else r - mean for r in rewards]
 
 
+def balance(advantages: list[float], advantage_balance: float) -> list[float]:
+    """ART's advantage_balance: b > 0 scales negative advantages by 1 - b, b < 0 positive ones by 1 + b."""
+    if advantage_balance > 0:
+        return [a if a > 0 else a * (1 - advantage_balance) for a in advantages]
+    if advantage_balance < 0:
+        return [a if a < 0 else a * (1 + advantage_balance) for a in advantages]
+    return advantages
+
+
 def sampled_token_ids(choice: Choice, tokenizer: Any) -> list[int]:
     """The exact ids of a Choice's sampled tokens: `token_id:N` entries (our gateway and vLLM give these),
     else the token's raw bytes mapped through a byte-level BPE vocabulary. Never re-tokenizes the text."""
@@ -250,6 +259,7 @@ def prepare(
     allow_training_without_logprobs: bool = False,
     max_length: int | None = None,
     overlong: Literal["skip", "truncate"] = "skip",
+    advantage_balance: float = 0.0,
 ) -> Prepared:
     """Validate and tokenize; zero-variance groups and overlong sequences are skipped (or truncated) and counted."""
     check_rewards(groups)
@@ -263,7 +273,7 @@ def prepare(
             out.counts["groups_skipped_single_trajectory"] += 1
             out.counts["trajectories_skipped_single_trajectory"] += len(trajectories)
             continue
-        advs = advantages([t.reward for t in trajectories], scale_rewards)
+        advs = balance(advantages([t.reward for t in trajectories], scale_rewards), advantage_balance)
         if not any(advs):
             out.counts["groups_skipped_zero_variance"] += 1
             out.counts["trajectories_skipped_zero_variance"] += len(trajectories)
