@@ -113,7 +113,11 @@ async def test_family_serves_trains_and_syncs_exactly(name, family_root, tmp_pat
             if run.sync.method != method:  # the same run, another sync method for this step
                 run.sync = METHODS[method](run.sync.ctx)
             groups = await gather(model, ["Name a fruit.", "Name a colour."], group_size=3)
+            for group in groups:  # distinct rewards: a random model's answers may all score alike, and teach nothing
+                for i, trajectory in enumerate(group.trajectories):
+                    trajectory.reward = float(i * i)  # 0, 1, 4: none at the mean
             result = await backend.train(model, groups, learning_rate=1e-2)
+            assert result.metrics["data/trajectories_used"] == 6
             assert result.step == step
             gap, engine = await gap_and_engine()
             moved = sum(abs(a - b) for a, b in zip(engine, previous, strict=True)) / len(engine)
