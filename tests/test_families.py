@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -53,18 +54,6 @@ def _record(family: str, row: dict) -> None:
     path.write_text(json.dumps(rows, indent=2) + "\n")
 
 
-async def _engine_logprobs(run, ids: list[int], start: int) -> list[float]:
-    """The served policy's logprobs of ids[start:], scored by SGLang (prefill only) on the route the gateway uses."""
-    route = run.gateway.route(run.model.name)
-    out = await run.client.generate(
-        input_ids=ids,
-        sampling_params={"max_new_tokens": 0},
-        logprob_start_len=start - 1,
-        lora_path=route.adapter,
-    )
-    return [entry[0] for entry in out.meta_info["input_token_logprobs"][1:]]
-
-
 def _backend(path: Path) -> SGLangBackend:
     return SGLangBackend(
         path=path,
@@ -99,10 +88,12 @@ async def test_family_serves_trains_and_syncs_exactly(name, family_root, tmp_pat
         start = sequence.mask.index(True)
 
         async def gap_and_engine() -> tuple[float, list[float]]:
-            scored = await _engine_logprobs(run, sequence.token_ids, start)
+            # SGLang's prefill scoring on the route the gateway uses
+            route = run.gateway.route(run.model.name)
+            scored = await run.client.score(sequence.token_ids, start, lora_path=route.adapter)
             engine = [lp for lp, m in zip(scored, sequence.mask[start:], strict=True) if m]
             (trainer,) = await run.trainer.logprobs([sequence])
-            assert len(engine) == len(trainer) > 0
+            assert len(engine) == len(trainer) > 0 and all(math.isfinite(lp) for lp in engine), engine
             return max(abs(a - b) for a, b in zip(engine, trainer, strict=True)), engine
 
         gap, previous = await gap_and_engine()

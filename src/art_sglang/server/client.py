@@ -7,6 +7,7 @@ answer. Calls that would crash the server are refused here with `CapabilityError
 from __future__ import annotations
 
 import base64
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -134,6 +135,17 @@ class SGLangClient:
             if value is not None:
                 body[key] = value
         return GenerateOutput.from_json(await self._call("POST", "/generate", body))
+
+    async def score(self, input_ids: list[int], start: int, *, lora_path: str | None = None) -> list[float]:
+        """The served policy's logprobs of `input_ids[start:]` (start >= 1), by a prefill with no sampling; nan where
+        SGLang gives none (a non-finite value)."""
+        out = await self.generate(
+            input_ids=input_ids,
+            sampling_params={"max_new_tokens": 0},
+            logprob_start_len=start - 1,
+            lora_path=lora_path,
+        )
+        return [math.nan if e[0] is None else e[0] for e in out.meta_info["input_token_logprobs"][1:]]
 
     async def flush_cache(self) -> None:
         """Empty the radix cache. SGLang refuses while requests run (SGLangAPIError)."""

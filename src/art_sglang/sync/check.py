@@ -24,13 +24,7 @@ async def check_served_policy(ctx: SyncContext, template: ChatTemplate) -> float
     ids = prompt + reply
     sequence = Sequence(ids, [math.nan] * len(ids), [False] * len(prompt) + [True] * len(reply), 0.0, 1.0, 0)
     route = ctx.gateway.route(ctx.name)
-    out = await ctx.client.generate(
-        input_ids=ids,
-        sampling_params={"max_new_tokens": 0},
-        logprob_start_len=len(prompt) - 1,
-        lora_path=route.adapter if route else None,
-    )
-    engine = [math.nan if e[0] is None else e[0] for e in out.meta_info["input_token_logprobs"][1:]]
+    engine = await ctx.client.score(ids, len(prompt), lora_path=route.adapter if route else None)
     (trainer,) = await ctx.trainer.logprobs([sequence])
     gap = sum(abs(a - b) for a, b in zip(engine, trainer, strict=True)) / len(trainer)
     if not gap <= MAX_MEAN_GAP:  # NaN included

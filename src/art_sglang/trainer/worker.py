@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import subprocess
@@ -279,7 +280,7 @@ class TrainerGroup:
     async def train(self, sequences: list[Sequence], options: StepOptions) -> dict[str, float]:
         """One optimizer step on all ranks; metrics summed over ranks, then averaged where they are means."""
         total = sum(sum(s.mask[1:]) for s in sequences)
-        opts = StepOptions(options.learning_rate, options.loss, total, options.precalculate_logprobs)
+        opts = dataclasses.replace(options, total_tokens=total)
         parts = await self.call(
             "train", per_rank=[{"sequences": sh, "options": opts} for sh in self._shards(sequences)]
         )
