@@ -202,12 +202,15 @@ async def data_parallel(path: str, seqs: list[Sequence], steps: int, gpus: int, 
         settings = TrainerSettings(path, lora_rank=16, lora_alpha=32, micro_batch_tokens=8192, logprob_chunk=2048)
         group = TrainerGroup(settings, devices=list(range(n)), log_dir=log_dir / f"dp{n}")
         await group.start()
+        # One optimizer step over the whole batch per call (ART's default, one per sequence, leaves ranks idle),
+        # after the call's no-gradient scoring pass over the batch.
+        options = StepOptions(learning_rate=1e-5, grad_accumulation_sequences=len(seqs))
         try:
-            await group.train(seqs, StepOptions(learning_rate=1e-5))  # warm-up
+            await group.train(seqs, options)  # warm-up
             times = []
             for _ in range(steps):
                 t0 = time.perf_counter()
-                await group.train(seqs, StepOptions(learning_rate=1e-5))
+                await group.train(seqs, options)
                 times.append(time.perf_counter() - t0)
         finally:
             await group.shutdown()

@@ -100,24 +100,35 @@ def test_loss_and_gradient_match_art(seed, config):
 
 
 def assert_matches_art(inputs, new, config: LossConfig, art_config: dict, ref=None, original=None) -> None:
-    """Our loss (ART's mean over the assistant tokens) and its gradient equal `art.loss.loss_fn`'s to 1e-6."""
+    """ART's LocalBackend calls `art.loss.loss_fn` on one row (one sequence) at a time and takes its token mean.
+    Ours, on the whole batch at once with each row's weights over its trained tokens, must equal the sum of those
+    per-row losses, and so must the gradients, to 1e-6."""
     new_art = new.clone().requires_grad_()
-    expected = art_loss_fn(inputs, new_art, ref, None, art_config).policy_loss
+    expected = 0.0
+    for b in range(new.shape[0]):
+        row = {k: v[b : b + 1] for k, v in inputs.items()}
+        expected = (
+            expected
+            + art_loss_fn(
+                row, new_art[b : b + 1], ref[b : b + 1] if ref is not None else None, None, art_config
+            ).policy_loss
+        )
     expected.backward()
     new_ours = new.clone().requires_grad_()
     mask = shifted(inputs["assistant_mask"], False)
+    tokens = mask.sum(dim=1, keepdim=True)
     terms = policy_loss(
         new_ours,
         shifted(inputs["logprobs"], float("nan")),
         shifted(inputs["advantages"], 0.0),
-        shifted(inputs["weights"], 0.0),
+        shifted(inputs["weights"], 0.0) / tokens,
         mask,
         shifted(inputs["group_ids"], 0),
         config,
         ref_logprobs=ref,
         original_logprobs=None if original is None else shifted(original, 0.0),
     )
-    ours = terms.policy_loss_sum / (mask.sum() + 1e-6)
+    ours = terms.policy_loss_sum
     ours.backward()
     assert ours.item() != 0.0
     assert abs(ours.item() - expected.item()) < 1e-6
@@ -144,14 +155,15 @@ def test_truncated_importance_sampling_matches_art(seed, loss_fn):
 @pytest.mark.parametrize("loss_fn", ["cispo", "ppo"])
 def test_kl_penalty_from_the_samples_shapes_advantages_with_the_sampler_logprobs(loss_fn):
     """ART 0.5.23's kl_penalty_source="sample" (not in the 0.5.18 installed here, so written out from its code):
-    advantages + coef * (mean KL - KL per token), the KL of the sampler's logprobs against the reference."""
+    advantages + coef * (the row's mean KL - KL per token), the KL of the sampler's logprobs against the reference."""
     inputs, new, ref = random_batch(3)
     mask = shifted(inputs["assistant_mask"], False)
     old = shifted(inputs["logprobs"], float("nan"))
     adv, weights, seq_ids = (shifted(inputs[k], 0) for k in ("advantages", "weights", "group_ids"))
     filled = torch.where(torch.isnan(old), new, old)
     kl_per_token = (filled - ref) * mask
-    shaped = adv + 0.3 * (kl_per_token.sum() / (mask.sum() + 1e-6) - kl_per_token) * mask
+    row_mean = kl_per_token.sum(dim=1, keepdim=True) / (mask.sum(dim=1, keepdim=True) + 1e-6)  # ART: per row
+    shaped = adv + 0.3 * (row_mean - kl_per_token) * mask
     sample = LossConfig(loss_fn=loss_fn, kl_penalty_coef=0.3, kl_penalty_source="sample")
     ours = policy_loss(new, old, adv, weights, mask, seq_ids, sample, ref_logprobs=ref).policy_loss_sum
     expected = policy_loss(new, old, shaped, weights, mask, seq_ids, LossConfig(loss_fn=loss_fn)).policy_loss_sum

@@ -26,7 +26,12 @@ from art_sglang.tasks import ONE_WORD_QUESTIONS
 def optimizer_updates(run, step: int) -> int:
     """How many optimizer steps the checkpoint of `step` has taken, from its saved AdamW state."""
     state = torch.load(run.checkpoint(step) / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
-    return int(next(iter(state.values()))["step"])
+    return int(next(iter(state.values()))["step"]) if state else 0
+
+
+def steps_taken(result) -> int:
+    """The optimizer steps a train() call reports: ART's one per sequence, and the warm-up of a new trainer."""
+    return int(result.metrics["optimizer_steps"] + result.metrics["warmup_steps"])
 
 
 def fail_once(obj, name: str, error: BaseException) -> None:
@@ -52,9 +57,11 @@ async def assert_back_at(backend, model, step: int) -> None:
 
 
 async def retry_takes_one_update(backend, model, groups, step: int) -> None:
+    before = optimizer_updates(backend.model_run(model), step - 1)
     result = await backend.train(model, groups, learning_rate=1e-4)
-    assert result.step == step
-    assert optimizer_updates(backend.model_run(model), step) == step  # the failed attempt left no update behind
+    assert result.step == step and result.metrics["optimizer_steps"] == 4  # one per trajectory
+    # The failed attempt left no update behind: the checkpoint holds the previous step's and this call's only.
+    assert optimizer_updates(backend.model_run(model), step) == before + steps_taken(result)
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +123,15 @@ async def test_server_killed_during_the_sync(live):
 
 async def test_two_train_calls_at_once_run_one_after_the_other(live):
     backend, model, groups = live
-    step = backend.model_run(model).step
+    run = backend.model_run(model)
+    step, before = run.step, optimizer_updates(run, run.step)
     first, second = await asyncio.gather(
-        backend.train(model, groups, learning_rate=1e-4), backend.train(model, groups, learning_rate=1e-4)
+        backend.train(model, groups, learning_rate=1e-4, plot_tensors=True),
+        backend.train(model, groups, learning_rate=1e-4),
     )
     assert sorted([first.step, second.step]) == [step + 1, step + 2]
-    assert optimizer_updates(backend.model_run(model), step + 2) == step + 2
+    assert optimizer_updates(run, step + 2) == before + steps_taken(first) + steps_taken(second)
+    assert len(list(run.model_dir.glob("packed_tensors_plot_*.png"))) == 1  # ART's plot_tensors, for one call
 
 
 async def test_shared_mode_resume_fails(tmp_path):

@@ -321,20 +321,35 @@ def test_merged_exports_refuse_layers_the_checkpoint_names_otherwise(tiny_model,
             trainer.export_merged(tmp_path / f"out-{changed_only}", changed_only=changed_only)
 
 
-def test_precalculated_logprobs_replace_the_samplers_as_the_old_policy(tiny_model):
-    """ART's precalculate_logprobs: the ratio is taken against the policy before the update, whatever the sampler
-    reported; so a step on wildly wrong sampler logprobs equals one on unknown ones (treated as the current policy)."""
+def test_a_checkpoint_as_the_kl_reference(tiny_model, tmp_path):
+    """ART's kl_penalty_reference_step / kl_ref_adapter_path: the reference is that adapter on the base model, not
+    the base model itself, and the policy's own adapter is back in place after the step."""
     from art_sglang.trainer.core import PolicyTrainer
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 1000, (30,), generator=g).tolist()
-    mask = [i >= 10 for i in range(30)]
-    updates = []
-    for logprobs, precalculate in (([math.nan] * 30, False), ([-20.0] * 30, True)):
-        trainer = PolicyTrainer(TrainerSettings(str(tiny_model), threads=1, seed=3))
-        sequence = Sequence(ids, logprobs, mask, 1.0, 1.0 / 20, 0)
-        metrics = trainer.train_step([sequence], StepOptions(1e-2, LossConfig(), precalculate_logprobs=precalculate))
-        updates.append((metrics["loss_sum"], trainer.sequence_logprobs([sequence])[0]))
-    (loss_a, after_a), (loss_b, after_b) = updates
-    assert loss_a == pytest.approx(loss_b, rel=1e-6)
-    assert after_a == pytest.approx(after_b, abs=1e-6)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (24,), generator=g).tolist()
+    seq = Sequence(ids, [math.nan] * 24, [i >= 8 for i in range(24)], 1.0, 1.0, 0)
+    trainer = PolicyTrainer(TrainerSettings(str(tiny_model), lora_rank=4, threads=1, seed=2))
+    for _ in range(3):
+        trainer.train_step([seq], StepOptions(1e-2))
+    reference = trainer.save_checkpoint(tmp_path / "0003", step=3)
+    at_reference = trainer.sequence_logprobs([seq])[0]
+    kl = LossConfig(kl_penalty_coef=0.5)
+
+    def kl_of(directory) -> float:
+        m = trainer.train_step([seq], StepOptions(1e-9, kl, kl_reference=directory))
+        return m["kl_sum"] / m["kl_batches"]
+
+    assert kl_of(str(reference)) == pytest.approx(0.0, abs=1e-6)  # the policy is (to lr 1e-9) its own reference
+    from_base = kl_of(None)
+    assert abs(from_base) > 1e-3  # the base model differs from the trained policy
+    for _ in range(3):
+        trainer.train_step([seq], StepOptions(1e-2))
+    now = trainer.sequence_logprobs([seq])[0]
+    expected = sum(a - b for a, b in zip(now, at_reference, strict=True)) / len(now)
+    assert kl_of(str(reference)) == pytest.approx(expected, abs=1e-5)
+    assert trainer.sequence_logprobs([seq])[0] == pytest.approx(now, abs=1e-6)  # its own adapter came back
+
+    other = PolicyTrainer(TrainerSettings(str(tiny_model), lora_rank=8, threads=1))
+    with pytest.raises(ValueError, match=r"KL reference adapter .*0003 \(r=4.*does not have the policy's LoRA shape"):
+        other.train_step([seq], StepOptions(1e-9, kl, kl_reference=str(reference)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from .errors import ArtSGLangError, ConfigError, ModelNotFoundError
 from .gateway import Gateway
 from .models import lora_targets, resolve_base_model
 from .server import SGLangClient, SGLangServer
-from .step import UNREQUESTED, ModelRun, republish_current, sft_step, train_step, write_atomic
+from .step import UNREQUESTED, ModelRun, TrainCall, republish_current, sft_step, train_step, write_atomic
 from .sync import METHODS, GpuTimeShare, SyncContext
 from .sync.check import check_served_policy
 from .trainer.core import StepOptions, TrainerSettings, restore_replaced
@@ -58,15 +59,16 @@ _SUPPORTED = {
     "allow_training_without_logprobs",
     "save_checkpoint",
     "verbose",
+    "kl_penalty_reference_step",
+    "kl_ref_adapter_path",
+    "grad_accumulation_sequences",
+    "num_trajectories_learning_rate_multiplier_power",
+    "plot_tensors",
+    "packed_sequence_length",
 }
 _ART_DEFAULTS: dict[str, Any] = {
     "loss_fn_config": None,  # ART's LocalBackend refuses these two as well
     "adam_params": None,
-    "kl_penalty_reference_step": None,
-    "kl_ref_adapter_path": None,
-    "plot_tensors": False,
-    "num_trajectories_learning_rate_multiplier_power": 0.0,
-    "grad_accumulation_sequences": None,
 }
 # Options with no effect in ART's LocalBackend either (read only by its Megatron backend, or by nothing), and the
 # chunk size of the logprob pass, which changes memory, not values: accepted and, as there, without effect.
@@ -260,11 +262,11 @@ class SGLangBackend:
         """One RL step: save the trajectories, validate and tokenize, train, checkpoint, and put the new policy on
         the server. All or nothing: on failure the model stays at its last step (see step.py). Calls for one
         model run one after another."""
-        options, prep_kwargs, save_checkpoint = self._train_options(kwargs)
+        call = self._train_options(kwargs)
         run = await self._ensure_run(model)
         groups = list(trajectory_groups)
         async with run.lock:
-            return await train_step(run, groups, options, prep_kwargs, save_checkpoint)
+            return await train_step(run, groups, call)
 
     def model_run(self, model: art.Model) -> ModelRun:
         """What was started for a registered model (its server, gateway, trainer, sync) and its current step."""
@@ -290,21 +292,13 @@ class SGLangBackend:
             shutil.rmtree(run.merged_root, ignore_errors=True)
 
     # -- start-up ---------------------------------------------------------------------------------------
-    def _train_options(self, kwargs: dict[str, Any]) -> tuple[StepOptions, dict[str, Any], bool]:
+    def _train_options(self, kwargs: dict[str, Any]) -> TrainCall:
         for key, value in kwargs.items():
             if key in _SUPPORTED or key in _NO_EFFECT:
                 continue
             if key in _ART_DEFAULTS:
                 if value != _ART_DEFAULTS[key]:
-                    raise ConfigError(
-                        key,
-                        value,
-                        f"not supported by SGLangBackend yet: leave it at {_ART_DEFAULTS[key]!r}",
-                    )
-                continue
-            if key == "packed_sequence_length":  # as ART: longer sequences are dropped (counted), none is packed
-                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 2):
-                    raise ConfigError(key, value, "None or an integer >= 2")
+                    raise ConfigError(key, value, f"ART's LocalBackend requires {key}={_ART_DEFAULTS[key]!r}, as we do")
                 continue
             raise ConfigError(key, value, f"unknown train() option; supported: {', '.join(sorted(_SUPPORTED))}")
         scale = kwargs.get("scale_rewards", True) and kwargs.get("normalize_advantages", True)
@@ -338,17 +332,39 @@ class SGLangBackend:
                 loss.truncated_importance_sampling,
                 "it corrects between the sampler's and the precalculated logprobs: pass precalculate_logprobs=True",
             )
+        packed_length = _optional_int(kwargs, "packed_sequence_length", 2)  # as ART: longer ones are dropped
+        reference_step = _optional_int(kwargs, "kl_penalty_reference_step", 0)
+        reference_path = kwargs.get("kl_ref_adapter_path")
+        if reference_path is not None and not isinstance(reference_path, str | os.PathLike):
+            raise ConfigError("kl_ref_adapter_path", reference_path, "None or a directory holding a LoRA adapter")
+        if loss.kl_penalty_coef <= 0:  # as ART: the reference is only read for a KL penalty
+            reference_step = reference_path = None
+        # ART's LocalBackend rows hold one trajectory each, so (trajectories per row) ** power is 1 whatever the
+        # power (its code computes 0 ** power there, see docs/art-compatibility.md): accepted, checked, no effect.
+        power = kwargs.get("num_trajectories_learning_rate_multiplier_power", 0.0)
+        if not isinstance(power, int | float) or isinstance(power, bool):
+            raise ConfigError("num_trajectories_learning_rate_multiplier_power", power, "a number")
         tc = self.trainer_config
-        lengths = [n for n in (tc.max_sequence_length, kwargs.get("packed_sequence_length")) if n is not None]
+        lengths = [n for n in (tc.max_sequence_length, packed_length) if n is not None]
         prep = {
             "scale_rewards": bool(scale),
             "allow_training_without_logprobs": bool(kwargs.get("allow_training_without_logprobs", False)),
             "max_length": min(lengths) if lengths else None,
-            "overlong": "skip" if kwargs.get("packed_sequence_length") is not None else tc.overlong,
+            "overlong": "skip" if packed_length is not None else tc.overlong,
             "advantage_balance": float(balance_value),
         }
-        options = StepOptions(float(lr), loss, precalculate_logprobs=precalculate)
-        return options, prep, bool(kwargs.get("save_checkpoint", True))
+        options = StepOptions(
+            float(lr),
+            loss,
+            kl_reference=None if reference_path is None else str(reference_path),
+            precalculate_logprobs=precalculate,
+            grad_accumulation_sequences=_optional_int(kwargs, "grad_accumulation_sequences", 1) or 1,
+        )
+        plot = bool(kwargs.get("plot_tensors", False))
+        if plot and importlib.util.find_spec("matplotlib") is None:
+            raise ConfigError("plot_tensors", True, "it needs matplotlib: pip install 'art-sglang[demo]'")
+        save = bool(kwargs.get("save_checkpoint", True))
+        return TrainCall(options, prep, save, reference_step, plot)
 
     async def _ensure_run(self, model: art.TrainableModel) -> ModelRun:
         if model.name in self._runs:
@@ -532,3 +548,10 @@ def _merged_root(model: art.Model) -> Path:
 
 
 __all__ = ["SGLangBackend", "resolve_base_model"]
+
+
+def _optional_int(kwargs: dict[str, Any], key: str, minimum: int) -> int | None:
+    value = kwargs.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+        raise ConfigError(key, value, f"None or an integer >= {minimum}")
+    return value

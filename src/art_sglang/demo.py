@@ -180,7 +180,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="HuggingFaceTB/SmolLM2-135M-Instruct",
         help="base model: a local directory, a model in the HF cache, or the bundled SmolLM2",
     )
-    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--learning-rate", type=float, default=1e-5)  # ART's optimizer steps: one per trajectory
     p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--sync", choices=("lora", "disk", "restart"), default="lora")
     p.add_argument("--dtype", default="float32", help="server dtype (float32 makes engine and trainer agree)")

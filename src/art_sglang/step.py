@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,14 @@ from art import LocalTrainResult
 
 from . import paths
 from .chat import ChatTemplate
-from .errors import StepFailedError, TrainerCrashedError
+from .errors import ConfigError, StepFailedError, TrainerCrashedError
 from .gateway import Gateway
+from .plots import plot_rows
 from .server import SGLangClient, SGLangServer
 from .sync import GpuTimeShare, WeightSync
 from .trainer.core import StepOptions
 from .trainer.data import prepare
+from .trainer.schedule import art_rows
 from .trainer.sft import prepare_sft
 from .trainer.worker import TrainerGroup
 
@@ -66,14 +68,27 @@ class ModelRun:
         return paths.checkpoint_dir(self.model_dir, step)
 
 
-async def train_step(
-    run: ModelRun, groups: list[Any], options: StepOptions, prep: dict[str, Any], save_checkpoint: bool
-) -> LocalTrainResult:
-    """Take RL step `run.step + 1` on `groups` (one optimizer step); the caller holds `run.lock`."""
+@dataclass
+class TrainCall:
+    """One `train()` call's checked options."""
+
+    options: StepOptions
+    prep: dict[str, Any]  # keywords of trainer.data.prepare
+    save_checkpoint: bool = True
+    kl_reference_step: int | None = None  # ART's kl_penalty_reference_step: that checkpoint is the KL reference
+    plot_tensors: bool = False
+
+
+async def train_step(run: ModelRun, groups: list[Any], call: TrainCall) -> LocalTrainResult:
+    """Take RL step `run.step + 1` on `groups` (ART's optimizer steps, trainer/schedule.py); the caller holds
+    `run.lock`."""
     started, step = time.monotonic(), run.step + 1
     inputs = paths.train_inputs(run.model_dir, step)
     write_atomic(inputs, "\n".join(g.model_dump_json() for g in groups))  # before anything can fail
-    prepared = await asyncio.to_thread(prepare, groups, run.template, **prep)  # bad input: an error, nothing changed
+    options = _with_reference(run, call)
+    prepared = await asyncio.to_thread(prepare, groups, run.template, **call.prep)  # bad input: an error, no change
+    if call.plot_tensors and prepared.sequences:
+        log.info("step %d: training rows plotted in %s", step, plot_rows(art_rows(prepared.sequences), run.model_dir))
 
     async def train() -> dict[str, float]:
         if not prepared.sequences:
@@ -81,7 +96,23 @@ async def train_step(
             return {}
         return await run.trainer.train(prepared.sequences, options)
 
-    return await _take_step(run, step, started, inputs, train, prepared.counts, save_checkpoint)
+    return await _take_step(run, step, started, inputs, train, prepared.counts, call.save_checkpoint)
+
+
+def _with_reference(run: ModelRun, call: TrainCall) -> StepOptions:
+    """The options with the KL reference adapter resolved to a directory that holds one."""
+    options = call.options
+    if call.kl_reference_step is not None and options.kl_reference is None:  # as ART: a given path wins
+        options = replace(options, kl_reference=str(run.checkpoint(call.kl_reference_step)))
+    if options.kl_reference is not None and not (Path(options.kl_reference) / "adapter_model.safetensors").is_file():
+        kept = sorted(int(p.name) for p in run.checkpoint(0).parent.iterdir() if p.name.isdigit())
+        raise ConfigError(
+            "kl_penalty_reference_step" if call.kl_reference_step is not None else "kl_ref_adapter_path",
+            call.kl_reference_step if call.kl_reference_step is not None else options.kl_reference,
+            f"no LoRA adapter (adapter_model.safetensors) in {options.kl_reference}; this model's checkpoints are "
+            f"steps {kept}",
+        )
+    return options
 
 
 async def sft_step(

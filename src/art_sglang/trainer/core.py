@@ -1,4 +1,4 @@
-"""PolicyTrainer: the base model with a PEFT LoRA adapter, AdamW, and one RL step as plain code.
+"""PolicyTrainer: the base model with a PEFT LoRA adapter, AdamW, and one RL optimizer step as plain code.
 
 Runs inside the trainer worker process (trainer/worker.py), never in the user's process. The same code serves
 the CPU (fp32, for tests and the demo) and GPUs (bf16). Memory: logits are computed only for trainable tokens,
@@ -27,6 +27,8 @@ from .sequence import Sequence
 
 TRAINER_STATE = "trainer_state.pt"
 SFT_MAX_GRAD_NORM = 1.0  # ART's run_unsloth_sft_training
+ADAM_BETAS = (0.9, 0.99)  # ART's trainer_args
+WEIGHT_DECAY = {"rl": 0.1, "sft": 0.0}  # ART sets these per kind of training
 # Besides weights and config.json, what a server needs to start from an exported directory.
 SERVABLE_FILES = (
     "tokenizer*",
@@ -79,14 +81,17 @@ class TrainerSettings:
 
 @dataclass
 class StepOptions:
-    """Per-step options, from `backend.train(...)` keywords."""
+    """A `train()` call's options, from its keywords. The first four reach each optimizer step; the last two are
+    read by TrainerGroup.train, which schedules the call's steps (trainer/schedule.py)."""
 
     learning_rate: float = 5e-6
     loss: LossConfig = field(default_factory=LossConfig)
-    total_tokens: int | None = None  # trainable tokens over all ranks (the loss is a mean over them)
-    # ART's precalculate_logprobs: the policy's logprobs before the update are the "old" ones (the sampler's become
-    # the original ones, for truncated importance sampling). With one optimizer step per call they are this step's.
+    kl_reference: str | None = None  # an adapter directory as the KL reference; None: the base model
+    step_sequences: int | None = None  # sequences in this optimizer step over all ranks (None: this rank's)
+    # ART's precalculate_logprobs: the policy's logprobs before the call's first step are the "old" ones (the
+    # sampler's become the original ones, for truncated importance sampling).
     precalculate_logprobs: bool = False
+    grad_accumulation_sequences: int = 1  # sequences per optimizer step
 
 
 def _resolve(settings: TrainerSettings) -> tuple[torch.device, torch.dtype]:
@@ -229,7 +234,7 @@ class PolicyTrainer:
                 "Remove lm_head from target_modules / peft_args['modules_to_save']."
             )
         fused = self.device.type == "cuda" and all(p.dtype == torch.float32 for p in self.params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=5e-6, weight_decay=0.0, fused=fused or None)
+        self.optimizer = torch.optim.AdamW(self.params, lr=5e-6, betas=ADAM_BETAS, fused=fused or None)
         self.step = 0
         self.offloaded = False
         self._host: dict[str, torch.Tensor] = {}  # pinned host copies for offloading (GPU only)
@@ -237,6 +242,7 @@ class PolicyTrainer:
         self._adapter_names: dict[str, str] | None = None  # PEFT's name of each adapter parameter
         self._layers_file: LayersFile | None = None  # the `disk` sync's merged layers, rewritten in place
         self._mode: str | None = None  # "rl" or "sft": what the optimizer's moments were gathered on
+        self._reference: tuple[str, dict[str, torch.Tensor]] | None = None  # the KL reference adapter, as loaded
 
     # -- the RL step ------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -247,6 +253,49 @@ class PolicyTrainer:
 
     def _lm_head(self) -> torch.Tensor:
         return self.model.get_base_model().get_output_embeddings().weight
+
+    @contextlib.contextmanager
+    def _reference_policy(self, adapter_dir: str | None):
+        """The KL reference in place of the policy: the base model (adapter off), or the adapter saved in
+        `adapter_dir` (ART's kl_penalty_reference_step / kl_ref_adapter_path), swapped into the policy's LoRA
+        weights and back. It must have the policy's LoRA shape (rank, alpha, layers)."""
+        if adapter_dir is None:
+            with self.model.disable_adapter():
+                yield
+            return
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        own = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        if self._reference is None or self._reference[0] != adapter_dir:
+            self._reference = (adapter_dir, self._load_reference(adapter_dir, own))
+        set_peft_model_state_dict(self.model, self._reference[1])
+        try:
+            yield
+        finally:
+            set_peft_model_state_dict(self.model, own)
+
+    def _load_reference(self, adapter_dir: str, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import json
+
+        from safetensors.torch import load_file
+
+        directory = Path(adapter_dir)
+        try:
+            config = json.loads((directory / "adapter_config.json").read_text())
+            weights = load_file(str(directory / "adapter_model.safetensors"), device=str(self._lm_head().device))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"the KL reference adapter {directory} cannot be read ({e})") from e
+        lora = self.model.peft_config["default"]
+        shape = {k: tuple(v.shape) for k, v in weights.items()}
+        if (config.get("r"), config.get("lora_alpha")) != (lora.r, lora.lora_alpha) or shape != {
+            k: tuple(v.shape) for k, v in own.items()
+        }:
+            raise ValueError(
+                f"the KL reference adapter {directory} (r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, "
+                f"{len(weights)} tensors) does not have the policy's LoRA shape (r={lora.r}, lora_alpha="
+                f"{lora.lora_alpha}, {len(own)} tensors): use a checkpoint of this model (kl_penalty_reference_step)"
+            )
+        return {k: v.to(own[k].dtype) for k, v in weights.items()}
 
     def _forward(self, batch: list[Sequence], seq_offset: int) -> dict[str, torch.Tensor]:
         """Hidden states of the batch, gathered at the positions that predict trainable tokens.
@@ -261,6 +310,7 @@ class PolicyTrainer:
         targets: list[int] = []
         seq_ids: list[int] = []
         old: list[float] = []
+        original: list[float] = []  # the sampler's logprobs when `old` were precalculated (all sequences or none)
         adv: list[float] = []
         weight: list[float] = []
         for row, s in enumerate(batch):
@@ -272,14 +322,15 @@ class PolicyTrainer:
             cols += [t - 1 for t in positions]
             targets += [s.token_ids[t] for t in positions]
             old += [s.logprobs[t] for t in positions]
+            original += [s.original_logprobs[t] for t in positions] if s.original_logprobs else []
             adv += [s.advantage] * len(positions)
-            weight += [s.weight] * len(positions)
+            weight += [s.weight / max(len(positions), 1)] * len(positions)  # ART: a sequence's loss is a token mean
             seq_ids += [seq_offset + row + 1] * len(positions)
         # Built as Python lists and moved in two copies from pinned memory, before the forward pass: small
         # tensor ops on the host are slow with many threads, and a copy from pageable memory waits for the GPU.
         n, cells = len(rows), len(ids)
         longs = torch.tensor(ids + rows + cols + targets + seq_ids, dtype=torch.long)
-        floats = torch.tensor(old + adv + weight, dtype=torch.float32)
+        floats = torch.tensor(old + adv + weight + original, dtype=torch.float32)
         if self.device.type == "cuda":
             longs, floats = longs.pin_memory(), floats.pin_memory()
         longs = longs.to(self.device, non_blocking=True)
@@ -287,40 +338,40 @@ class PolicyTrainer:
         f = {"ids": longs[:cells].view(len(batch), width)}
         for i, key in enumerate(("rows", "cols", "targets", "seq_ids")):
             f[key] = longs[cells + i * n : cells + (i + 1) * n]
-        for i, key in enumerate(("old", "adv", "weight")):
+        for i, key in enumerate(("old", "adv", "weight", "original")):
             f[key] = floats[i * n : (i + 1) * n]
         hidden = self._backbone()(input_ids=f["ids"]).last_hidden_state
         f["hidden"] = hidden[f["rows"], f["cols"]]
         return f
 
     def train_step(self, sequences: list[Sequence], options: StepOptions) -> dict[str, float]:
-        """One optimizer step over all `sequences` (this rank's share); returns summed metrics for this rank."""
+        """One optimizer step over `sequences` (this rank's share of the step): the loss is the mean over the step's
+        sequences of each one's token-mean loss, as ART's gradient accumulation. Returns summed metrics."""
         started = time.monotonic()
         self.model.train()
         cfg = options.loss
         local_tokens = sum(sum(s.mask[1:]) for s in sequences)
-        denominator = float(options.total_tokens if options.total_tokens is not None else local_tokens) + 1e-6
+        denominator = float(options.step_sequences or len(sequences) or 1)
         chunk = self.settings.logprob_chunk
-        names = ("loss_sum", "entropy_sum", "gap_sum", "gap_tokens", "gap_over_1e-2", "kl_sum", "kl_batches")
+        names = ("loss_sum", "entropy_sum", "kl_sum", "kl_batches")
         sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)  # read once: no per-batch syncs
-        gap_max = torch.zeros((), dtype=torch.float64, device=self.device)
         offset = 0
         for idx in micro_batches(sequences, self.settings.micro_batch_tokens):
             batch = [sequences[i] for i in idx]
+            ref_lp = None
+            if cfg.kl_penalty_coef > 0:  # first: a reference adapter is swapped into the weights the graph keeps
+                with torch.no_grad(), self._reference_policy(options.kl_reference), self._autocast():
+                    r = self._forward(batch, offset)
+                    ref_lp, _ = token_logprobs(r["hidden"], self._lm_head(), r["targets"], chunk)
             with self._autocast():
                 f = self._forward(batch, offset)
                 new_lp, entropy = token_logprobs(f["hidden"], self._lm_head(), f["targets"], chunk)
-                ref_lp = None
-                if cfg.kl_penalty_coef > 0:
-                    with torch.no_grad(), self.model.disable_adapter():
-                        h = self._backbone()(input_ids=f["ids"]).last_hidden_state
-                        ref_lp, _ = token_logprobs(h[f["rows"], f["cols"]], self._lm_head(), f["targets"], chunk)
             offset += len(batch)
             ones = torch.ones_like(new_lp)
-            old, original = (new_lp.detach().float(), f["old"]) if options.precalculate_logprobs else (f["old"], None)
+            original = f["original"] if f["original"].numel() else None
             terms = policy_loss(
                 new_lp[None],
-                old[None],
+                f["old"][None],
                 f["adv"][None],
                 f["weight"][None],
                 ones[None],
@@ -331,18 +382,14 @@ class PolicyTrainer:
             )
             (terms.policy_loss_sum / denominator).backward()
             with torch.no_grad():
-                # Engine vs trainer logprobs of the sampled tokens, before this step's update.
-                sampled = ~torch.isnan(f["old"])
-                gaps = torch.where(sampled, (new_lp.float() - f["old"]).abs(), 0.0)
-                gap_max = torch.maximum(gap_max, gaps.max().double()) if gaps.numel() else gap_max
                 kl = terms.kl_policy_ref if terms.kl_policy_ref is not None else new_lp.new_zeros(())
                 has_kl = float(terms.kl_policy_ref is not None)
-                stats = [terms.policy_loss_sum, entropy.sum(), gaps.sum(), sampled.sum(), (gaps > 1e-2).sum()]
-                sums += torch.stack([t.double() for t in [*stats, kl, kl.new_tensor(has_kl)]])
+                sums += torch.stack(
+                    [t.double() for t in [terms.policy_loss_sum, entropy.sum(), kl, kl.new_tensor(has_kl)]]
+                )
         grad_norm = self._optimizer_step("rl", options.learning_rate, self.settings.max_grad_norm)
         return {
             **dict(zip(names, sums.tolist(), strict=True)),
-            "gap_max": gap_max.item(),
             "grad_norm": grad_norm,
             "tokens": float(local_tokens),
             "sequences": float(len(sequences)),
@@ -371,8 +418,8 @@ class PolicyTrainer:
         }
 
     def _optimizer_step(self, mode: str, learning_rate: float, max_grad_norm: float) -> float:
-        """Sum gradients over ranks, clip, step AdamW; the gradient norm before clipping. AdamW's moments start
-        afresh when training switches between RL and SFT, as in ART."""
+        """Sum gradients over ranks, clip, step AdamW with ART's settings for `mode`; the gradient norm before
+        clipping. AdamW's moments start afresh when training switches between RL and SFT, as in ART."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.grad_sync is not None:
             self.grad_sync(grads)  # sums gradients over data-parallel ranks
@@ -383,8 +430,8 @@ class PolicyTrainer:
             if self._mode is not None:
                 self.optimizer.state.clear()
             self._mode = mode
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate
+        for group in self.optimizer.param_groups:  # set each time: a loaded state dict brings its own
+            group.update(lr=learning_rate, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY[mode])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

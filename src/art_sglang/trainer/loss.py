@@ -60,8 +60,8 @@ class LossConfig:
 
 @dataclass
 class LossTerms:
-    policy_loss_sum: torch.Tensor  # sum over tokens of loss * weight * mask; divide by the token count for ART's mean
-    kl_policy_ref: torch.Tensor | None
+    policy_loss_sum: torch.Tensor  # sum over tokens of loss * weight * mask
+    kl_policy_ref: torch.Tensor | None  # mean KL per token of the policy (or sampler) from the reference
 
 
 def sequence_mean(values: torch.Tensor, seq_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,9 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     original_logprobs: torch.Tensor | None = None,
 ) -> LossTerms:
-    """`seq_ids` numbers the sequences from 1 (0 = padding); it matters for sequence-level importance sampling.
+    """`seq_ids` numbers the sequences from 1 (0 = padding); it matters for sequence-level importance sampling and
+    the KL penalty, which ART computes per sequence. For ART's loss of a sequence (a token mean), scale its weights
+    by 1 / its trained tokens.
     `original_logprobs`: the sampler's, where `old_logprobs` were computed by the trainer before the step (ART's
     precalculate_logprobs); truncated importance sampling corrects between the two."""
     mask = mask.to(new_logprobs.dtype)
@@ -115,8 +117,10 @@ def policy_loss(
         # ART's KL shaping: tokens that drift further from the reference than average lose advantage.
         source = old if config.kl_penalty_source == "sample" else new_logprobs
         kl_per_token = (source - ref_logprobs).detach() * mask
+        # ART takes the mean per packed row, and a row holds one sequence (LocalBackend packs nothing).
+        kl_mean = sequence_mean(kl_per_token, seq_ids, mask)
+        advantages = advantages + config.kl_penalty_coef * (kl_mean - kl_per_token) * mask
         kl = kl_per_token.sum() / (mask.sum() + 1e-6)
-        advantages = advantages + config.kl_penalty_coef * (kl - kl_per_token) * mask
     if config.loss_fn == "ppo":
         loss = -torch.min(ratio * advantages, torch.clip(ratio, low, high) * advantages)
     else:  # CISPO: clipped, detached importance weight times the REINFORCE term

@@ -17,8 +17,10 @@ class Sequence:
     logprobs: list[float]
     mask: list[bool]  # True on sampled (trainable) tokens
     advantage: float
-    weight: float  # ART: 1 / (trainable tokens of the trajectory)
+    weight: float  # ART: 1 / (trainable tokens of the trajectory); rescaled over the batch before training
     group: int  # index of the trajectory group it came from
+    # The sampler's logprobs where `logprobs` were precalculated by the trainer (ART's precalculate_logprobs).
+    original_logprobs: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

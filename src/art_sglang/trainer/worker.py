@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import secrets
 import subprocess
@@ -26,6 +27,7 @@ from typing import Any
 
 from ..errors import TrainerCrashedError
 from ..procs import die_with_parent, free_port, own, release, stop_group
+from . import schedule
 from .core import StepOptions, TrainerSettings
 from .sequence import Sequence
 
@@ -111,6 +113,7 @@ class TrainerGroup:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._conns: list[Connection] = []
         self._busy = asyncio.Lock()
+        self.warmed_up = False  # ART's warm-up step is taken once per start of the workers
 
     def log_path(self, rank: int) -> Path:
         return self.log_dir / f"trainer-{rank}.log"
@@ -166,6 +169,7 @@ class TrainerGroup:
                 conn.send(settings)
             replies = await self._collect("start", deadline=time.monotonic() + self.start_timeout)
             own(self)
+            self.warmed_up = False
         except BaseException:
             self.stop()
             raise
@@ -278,32 +282,60 @@ class TrainerGroup:
         }
 
     async def train(self, sequences: list[Sequence], options: StepOptions) -> dict[str, float]:
-        """One optimizer step on all ranks; metrics summed over ranks, then averaged where they are means."""
-        total = sum(sum(s.mask[1:]) for s in sequences)
-        opts = dataclasses.replace(options, total_tokens=total)
-        parts = await self.call(
-            "train", per_rank=[{"sequences": sh, "options": opts} for sh in self._shards(sequences)]
-        )
-        not_summed = ("grad_norm", "train_seconds", "gap_max")
-        summed = {k: sum(p[k] for p in parts) for k in parts[0] if k not in not_summed}
-        tokens = max(summed["tokens"], 1.0)
+        """A `train()` call's optimizer steps as ART's LocalBackend takes them (trainer/schedule.py). Metrics: the
+        loss, gradient norm and KL are means over the steps; the logprob gap compares the sampler's logprobs with
+        the trainer's before this call's first update (after ART's warm-up step, which moves nothing measurable)."""
+        rows = schedule.art_rows(sequences)
+        warmup = not self.warmed_up
+        if warmup:
+            loss = dataclasses.replace(options.loss, kl_penalty_coef=0.0)
+            warm = dataclasses.replace(options, learning_rate=schedule.WARMUP_LEARNING_RATE, loss=loss)
+            await self._step([schedule.warmup_row(rows[0])], warm)
+            self.warmed_up = True
+        before = await self.logprobs(rows)
+        gap = logprob_gap(rows, before)
+        if options.precalculate_logprobs:
+            rows = schedule.with_precalculated(rows, before)
+        steps = [
+            await self._step(b, options) for b in schedule.optimizer_batches(rows, options.grad_accumulation_sequences)
+        ]
+        tokens = sum(s["tokens"] for s in steps)
         metrics = {
-            "loss": summed["loss_sum"] / tokens,
-            "grad_norm": parts[0]["grad_norm"],
-            "entropy": summed["entropy_sum"] / tokens,
-            "tokens": summed["tokens"],
-            # |engine - trainer| logprob of each sampled token: a mean hides rare large mismatches.
-            "engine_trainer_logprob_gap": summed["gap_sum"] / max(summed["gap_tokens"], 1.0),
-            "engine_trainer_logprob_gap_max": max(p["gap_max"] for p in parts),
-            "engine_trainer_logprob_gap_over_1e-2": summed["gap_over_1e-2"],
-            "train_seconds": max(p["train_seconds"] for p in parts),
+            "loss": sum(s["loss"] for s in steps) / len(steps),
+            "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
+            "entropy": sum(s["entropy_sum"] for s in steps) / max(tokens, 1.0),
+            "tokens": tokens,
+            "optimizer_steps": float(len(steps)),
+            "warmup_steps": float(warmup),
+            **gap,
+            "train_seconds": sum(s["train_seconds"] for s in steps),
         }
-        if summed["kl_batches"]:
-            metrics["kl_policy_ref"] = summed["kl_sum"] / summed["kl_batches"]
+        kl = [s["kl_policy_ref"] for s in steps if "kl_policy_ref" in s]
+        if kl:
+            metrics["kl_policy_ref"] = sum(kl) / len(kl)
         return metrics
 
+    async def _step(self, batch: list[Sequence], options: StepOptions) -> dict[str, float]:
+        """One optimizer step over `batch`, spread over the ranks; its metrics summed over them."""
+        opts = dataclasses.replace(options, step_sequences=len(batch))
+        parts = await self.call("train", per_rank=[{"sequences": sh, "options": opts} for sh in self._shards(batch)])
+        out = {k: sum(p[k] for p in parts) for k in parts[0] if k not in ("grad_norm", "train_seconds")}
+        out["loss"] = out["loss_sum"] / len(batch)
+        out["grad_norm"] = parts[0]["grad_norm"]
+        out["train_seconds"] = max(p["train_seconds"] for p in parts)
+        if out["kl_batches"]:
+            out["kl_policy_ref"] = out["kl_sum"] / out["kl_batches"]
+        return out
+
     async def logprobs(self, sequences: list[Sequence]) -> list[list[float]]:
-        return (await self.call("logprobs", ranks=[0], sequences=sequences))[0]
+        """The policy's logprobs of each sequence's trainable tokens, computed on all ranks."""
+        shards = [list(range(r, len(sequences), self.world_size)) for r in range(self.world_size)]
+        parts = await self.call("logprobs", per_rank=[{"sequences": [sequences[i] for i in sh]} for sh in shards])
+        out: list[list[float]] = [[] for _ in sequences]
+        for shard, values in zip(shards, parts, strict=True):
+            for i, v in zip(shard, values, strict=True):
+                out[i] = v
+        return out
 
     async def save_checkpoint(self, directory: str | Path, step: int) -> Path:
         return Path((await self.call("save_checkpoint", ranks=[0], directory=str(directory), step=step))[0])
@@ -357,3 +389,19 @@ class TrainerGroup:
             stop_group(p.pid, grace, f"trainer worker {p.pid}")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=10)
+
+
+def logprob_gap(sequences: list[Sequence], trainer: list[list[float]]) -> dict[str, float]:
+    """|sampler - trainer| logprob of each sampled token (the trainer's from `sequence_logprobs`): the mean, the
+    worst, and how many exceed 1e-2 (a mean hides rare large mismatches)."""
+    gaps = []
+    for s, values in zip(sequences, trainer, strict=True):
+        positions = [t for t in range(1, len(s)) if s.mask[t]]
+        gaps += [
+            abs(s.logprobs[t] - v) for t, v in zip(positions, values, strict=True) if not math.isnan(s.logprobs[t])
+        ]
+    return {
+        "engine_trainer_logprob_gap": sum(gaps) / max(len(gaps), 1),
+        "engine_trainer_logprob_gap_max": max(gaps, default=0.0),
+        "engine_trainer_logprob_gap_over_1e-2": float(sum(g > 1e-2 for g in gaps)),
+    }
