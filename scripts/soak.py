@@ -263,7 +263,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--learning-rate", type=float, default=1e-5)  # ART's optimizer steps: one per trajectory
     p.add_argument("--sync", default="lora")
     p.add_argument("--reward-noise", type=float, default=0.2, help="uniform noise added to rewards: every step trains")
     p.add_argument("--seed", type=int, default=0)

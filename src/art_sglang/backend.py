@@ -547,11 +547,11 @@ def _merged_root(model: art.Model) -> Path:
     return path
 
 
-__all__ = ["SGLangBackend", "resolve_base_model"]
-
-
 def _optional_int(kwargs: dict[str, Any], key: str, minimum: int) -> int | None:
     value = kwargs.get(key)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
         raise ConfigError(key, value, f"None or an integer >= {minimum}")
     return value
+
+
+__all__ = ["SGLangBackend", "resolve_base_model"]
