@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from art.loss import loss_fn as art_loss_fn
+from art_compat import art_loss
 
 from art_sglang.trainer.loss import LossConfig, policy_loss
 
@@ -109,9 +109,7 @@ def assert_matches_art(inputs, new, config: LossConfig, art_config: dict, ref=No
         row = {k: v[b : b + 1] for k, v in inputs.items()}
         expected = (
             expected
-            + art_loss_fn(
-                row, new_art[b : b + 1], ref[b : b + 1] if ref is not None else None, None, art_config
-            ).policy_loss
+            + art_loss(row, new_art[b : b + 1], ref[b : b + 1] if ref is not None else None, art_config).policy_loss
         )
     expected.backward()
     new_ours = new.clone().requires_grad_()

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from art.loss import loss_fn as art_loss_fn
 from art.preprocessing.pack import packed_tensors_from_tokenized_results
 from art.preprocessing.tokenize import TokenizedResult
+from art_compat import art_loss
 from test_trainer import tiny_model, tok  # noqa: F401  (fixtures)
 
 from art_sglang.trainer.core import PolicyTrainer, StepOptions, TrainerSettings
@@ -116,7 +116,7 @@ def test_one_optimizer_step_equals_arts_loss_and_optimizer(tiny_model):  # noqa:
         logits = model(input_ids=inputs["tokens"]).logits.float()
         next_ids = torch.nn.functional.pad(inputs["tokens"][:, 1:], (0, 1), value=0)
         new_logprobs = torch.log_softmax(logits, -1).gather(-1, next_ids[..., None])[..., 0]
-        art_loss_fn(inputs, new_logprobs, None, None, {"ppo": True}).policy_loss.backward()
+        art_loss(inputs, new_logprobs, None, {"ppo": True}).policy_loss.backward()
         torch.nn.utils.clip_grad_norm_(reference.params, 0.1)
         for group in reference.optimizer.param_groups:
             group.update(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)

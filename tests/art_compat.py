@@ -1,0 +1,12 @@
+"""ART's own code across the versions the tests run against: 0.5.18 (Python 3.11) and 0.5.23 (Python 3.12)."""
+
+from __future__ import annotations
+
+import art.loss
+
+
+def art_loss(inputs: dict, new_logprobs, ref_logprobs, config: dict):
+    """`art.loss.loss_fn` on packed tensors: 0.5.23 takes them wrapped in `LossInputs`, 0.5.18 as a dict."""
+    wrapper = getattr(art.loss, "LossInputs", None)
+    packed = wrapper(inputs=inputs) if wrapper is not None else inputs
+    return art.loss.loss_fn(packed, new_logprobs, ref_logprobs, None, config)
