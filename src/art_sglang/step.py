@@ -88,7 +88,8 @@ async def train_step(run: ModelRun, groups: list[Any], call: TrainCall) -> Local
     options = _with_reference(run, call)
     prepared = await asyncio.to_thread(prepare, groups, run.template, **call.prep)  # bad input: an error, no change
     if call.plot_tensors and prepared.sequences:
-        log.info("step %d: training rows plotted in %s", step, plot_rows(art_rows(prepared.sequences), run.model_dir))
+        plot = await asyncio.to_thread(plot_rows, art_rows(prepared.sequences), run.model_dir)
+        log.info("step %d: training rows plotted in %s", step, plot)
 
     async def train() -> dict[str, float]:
         if not prepared.sequences:
