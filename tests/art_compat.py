@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import art.loss
+import art.trajectories
 
 
 def art_loss(inputs: dict, new_logprobs, ref_logprobs, config: dict):
@@ -10,3 +11,8 @@ def art_loss(inputs: dict, new_logprobs, ref_logprobs, config: dict):
     wrapper = getattr(art.loss, "LossInputs", None)
     packed = wrapper(inputs=inputs) if wrapper is not None else inputs
     return art.loss.loss_fn(packed, new_logprobs, ref_logprobs, None, config)
+
+
+# A trajectory's additional history: `History` in 0.5.18, `LegacyHistory` in 0.5.23 (whose `History` is the base of
+# its new protocol-native histories).
+History = getattr(art.trajectories, "LegacyHistory", art.trajectories.History)

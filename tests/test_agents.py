@@ -22,7 +22,7 @@ import art
 import httpx
 import openai
 import pytest
-from art.trajectories import History
+from art_compat import History
 from rollouts import BASE
 
 from art_sglang import SGLangBackend, SGLangConfig, TrainerConfig

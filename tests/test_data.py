@@ -7,7 +7,7 @@ from pathlib import Path
 
 import art
 import pytest
-from art.trajectories import History
+from art_compat import History
 from trajectories import answer_ids, choice, trajectory
 
 from art_sglang import TrajectoryError
