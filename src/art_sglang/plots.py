@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def plot_rows(rows: list[Sequence], directory: Path) -> Path:
 
     panels = {
         "Token IDs": grid([r.token_ids for r in rows]),
-        "Token Log Probs": grid([[x if not math.isnan(x) else np.nan for x in r.logprobs] for r in rows]),
+        "Token Log Probs": grid([r.logprobs for r in rows]),  # nan where not sampled: left blank
         "Trained tokens (mask)": grid([[float(m) for m in r.mask] for r in rows]),
         "Token Advantages": grid([[r.advantage * m for m in r.mask] for r in rows]),
         "Token Weights": grid([[r.weight * m for m in r.mask] for r in rows]),
