@@ -106,7 +106,7 @@ def test_the_kl_reference_step_is_this_models_checkpoint(backend, tmp_path):
     from art_sglang import paths
     from art_sglang.step import _with_reference
 
-    run = SimpleNamespace(checkpoint=lambda step: paths.checkpoint_dir(tmp_path, step))
+    run = SimpleNamespace(model_dir=tmp_path, checkpoint=lambda step: paths.checkpoint_dir(tmp_path, step))
     (run.checkpoint(2)).mkdir(parents=True)
     (run.checkpoint(2) / "adapter_model.safetensors").write_bytes(b"")
     call = backend._train_options({"kl_penalty_coef": 0.1, "kl_penalty_reference_step": 2})

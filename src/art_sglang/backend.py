@@ -191,14 +191,15 @@ class SGLangBackend:
             )
         if model.name in self._runs:
             raise ArtSGLangError(f"fork into {model.name!r} before it trains: its server already serves a policy")
-        source = paths.model_dir(from_project or model.project, from_model, self._path) / "checkpoints"
-        steps = sorted(int(d.name) for d in source.glob("[0-9]*") if d.name.isdigit() and d.is_dir())
+        source_dir = paths.model_dir(from_project or model.project, from_model, self._path)
+        source = source_dir / "checkpoints"
+        steps = paths.checkpoint_steps(source_dir)
         eligible = [s for s in steps if not_after_step is None or s <= not_after_step]
         if not eligible:
             limit = "" if not_after_step is None else f" at or before step {not_after_step}"
             raise ModelNotFoundError(f"no checkpoint{limit} in {source} (steps there: {steps or 'none'})")
         step = eligible[-1]
-        _check_checkpoint(source / f"{step:04d}")
+        _check_checkpoint(paths.checkpoint_dir(source_dir, step))
         target_dir = paths.model_dir(model.project, model.name, self._path)
         existing = _latest_step(target_dir)
         if existing is not None and existing >= step:
@@ -210,7 +211,7 @@ class SGLangBackend:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.fork-", dir=target.parent))
         try:
-            shutil.copytree(source / f"{step:04d}", tmp, dirs_exist_ok=True)
+            shutil.copytree(paths.checkpoint_dir(source_dir, step), tmp, dirs_exist_ok=True)
             (tmp / UNREQUESTED).unlink(missing_ok=True)  # a forked step is one the user asked for
             os.rename(tmp, target)
         except BaseException:
@@ -513,8 +514,8 @@ class SGLangBackend:
 
 # -- small helpers --------------------------------------------------------------------------------------------
 def _latest_step(model_dir: Path) -> int | None:
-    steps = [int(d.name) for d in (model_dir / "checkpoints").glob("[0-9]*") if d.name.isdigit() and d.is_dir()]
-    return max(steps) if steps else None
+    steps = paths.checkpoint_steps(model_dir)
+    return steps[-1] if steps else None
 
 
 def _check_checkpoint(directory: Path) -> None:

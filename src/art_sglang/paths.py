@@ -19,6 +19,12 @@ def checkpoint_dir(model_dir: Path, step: int) -> Path:
     return model_dir / "checkpoints" / f"{step:04d}"
 
 
+def checkpoint_steps(model_dir: Path) -> list[int]:
+    """The steps that have a checkpoint directory, in order."""
+    found = (model_dir / "checkpoints").glob("[0-9]*")
+    return sorted(int(d.name) for d in found if d.name.isdigit() and d.is_dir())
+
+
 def train_inputs(model_dir: Path, step: int) -> Path:
     """The trajectory groups of a step, written before it trains."""
     return model_dir / "train_inputs" / f"{step:04d}.jsonl"

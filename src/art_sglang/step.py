@@ -106,12 +106,11 @@ def _with_reference(run: ModelRun, call: TrainCall) -> StepOptions:
     if call.kl_reference_step is not None and options.kl_reference is None:  # as ART: a given path wins
         options = replace(options, kl_reference=str(run.checkpoint(call.kl_reference_step)))
     if options.kl_reference is not None and not (Path(options.kl_reference) / "adapter_model.safetensors").is_file():
-        kept = sorted(int(p.name) for p in run.checkpoint(0).parent.iterdir() if p.name.isdigit())
         raise ConfigError(
             "kl_penalty_reference_step" if call.kl_reference_step is not None else "kl_ref_adapter_path",
             call.kl_reference_step if call.kl_reference_step is not None else options.kl_reference,
             f"no LoRA adapter (adapter_model.safetensors) in {options.kl_reference}; this model's checkpoints are "
-            f"steps {kept}",
+            f"steps {paths.checkpoint_steps(run.model_dir)}",
         )
     return options
 
