@@ -75,7 +75,7 @@ def with_logprobs(seqs: list[Sequence], logprobs: list[list[float]]) -> list[Seq
     out = []
     for s, lps in zip(seqs, logprobs, strict=True):
         full = [math.nan] * len(s)
-        positions = [i for i, m in enumerate(s.mask) if m and i > 0]
+        positions = s.trained_positions()
         for i, lp in zip(positions, lps, strict=True):
             full[i] = lp
         out.append(Sequence(s.token_ids, full, s.mask, s.advantage, s.weight, s.group))

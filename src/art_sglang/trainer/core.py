@@ -317,7 +317,7 @@ class PolicyTrainer:
             ids += s.token_ids
             ids += [0] * (width - len(s))
             # Position t-1 predicts token t; the first token has no prediction.
-            positions = [t for t in range(1, len(s)) if s.mask[t]]
+            positions = s.trained_positions()
             rows += [row] * len(positions)
             cols += [t - 1 for t in positions]
             targets += [s.token_ids[t] for t in positions]

@@ -61,8 +61,7 @@ def with_precalculated(rows: list[Sequence], logprobs: list[list[float]]) -> lis
     out = []
     for s, values in zip(rows, logprobs, strict=True):
         old = [math.nan] * len(s)
-        positions = [t for t in range(1, len(s)) if s.mask[t]]
-        for t, value in zip(positions, values, strict=True):
+        for t, value in zip(s.trained_positions(), values, strict=True):
             old[t] = value
         out.append(replace(s, logprobs=old, original_logprobs=s.logprobs))
     return out

@@ -24,3 +24,8 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def trained_positions(self) -> list[int]:
+        """The positions of the trained tokens, in order: what `PolicyTrainer.sequence_logprobs` scores (the first
+        token is never predicted)."""
+        return [t for t in range(1, len(self.token_ids)) if self.mask[t]]

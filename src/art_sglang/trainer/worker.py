@@ -396,10 +396,8 @@ def logprob_gap(sequences: list[Sequence], trainer: list[list[float]]) -> dict[s
     worst, and how many exceed 1e-2 (a mean hides rare large mismatches)."""
     gaps = []
     for s, values in zip(sequences, trainer, strict=True):
-        positions = [t for t in range(1, len(s)) if s.mask[t]]
-        gaps += [
-            abs(s.logprobs[t] - v) for t, v in zip(positions, values, strict=True) if not math.isnan(s.logprobs[t])
-        ]
+        pairs = zip(s.trained_positions(), values, strict=True)
+        gaps += [abs(s.logprobs[t] - v) for t, v in pairs if not math.isnan(s.logprobs[t])]
     return {
         "engine_trainer_logprob_gap": sum(gaps) / max(len(gaps), 1),
         "engine_trainer_logprob_gap_max": max(gaps, default=0.0),
