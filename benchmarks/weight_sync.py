@@ -40,7 +40,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def one_step_groups(model: art.TrainableModel) -> list[art.TrajectoryGroup]:
     return await art.gather_trajectory_groups(
-        [art.TrajectoryGroup(one_word_rollout(model, ONE_WORD_QUESTIONS[0], max_tokens=6) for _ in range(2))],
+        [art.trajectory_group(one_word_rollout(model, ONE_WORD_QUESTIONS[0], max_tokens=6) for _ in range(2))],
         pbar_desc=None,
     )
 
@@ -79,7 +79,7 @@ async def load_requests(model: art.TrainableModel, n: int) -> tuple[list[float],
 
 
 async def measure(method: str, syncs: int, load: int, workdir: Path) -> dict:
-    model = art.TrainableModel(name=f"bench-{method}", project="bench", base_model=BASE)
+    model = art.TrainableModel(name=f"bench-{method}", run_name=f"bench-{method}", project="bench", base_model=BASE)
     backend = SGLangBackend(
         path=workdir / method,
         sglang_config=SGLangConfig(

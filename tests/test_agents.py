@@ -160,7 +160,7 @@ async def logprob_gaps(run, groups) -> list[float]:
 
 @pytest.fixture(scope="module")
 async def agent(tmp_path_factory):
-    model = art.TrainableModel(name="agent", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="agent", run_name="agent", project="tests", base_model=BASE)
     backend = backend_for(tmp_path_factory.mktemp("agents"))
     await model.register(backend)
     yield model, backend, backend.model_run(model)
@@ -299,7 +299,7 @@ async def test_structured_output_is_answered_and_the_server_stays_up(agent):
 async def test_a_request_that_crashes_the_server_fails_alone_and_the_rest_carry_on(tmp_path):
     """A known server-killer: xgrammar (SGLang's default grammar backend) on the CPU dies on any constrained
     request. It crashes the server once with the others, once alone, then fails with a clear error."""
-    model = art.TrainableModel(name="crashy", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="crashy", run_name="crashy", project="tests", base_model=BASE)
     async with backend_for(tmp_path, grammar_backend="xgrammar") as backend:
         await model.register(backend)
         run = backend.model_run(model)

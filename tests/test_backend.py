@@ -29,7 +29,7 @@ def art_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 async def trained(art_path):
     """A short RL run with `lora` sync; the tests below read what it recorded."""
-    model = art.TrainableModel(name="oneword", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="oneword", run_name="oneword", project="tests", base_model=BASE)
     backend = make_backend(art_path)
     await model.register(backend)
     record = {"model": model, "backend": backend, "rewards": [], "results": [], "groups": [], "checks": []}
@@ -65,7 +65,7 @@ async def trained(art_path):
                 "cached": after.metrics["cached_tokens"],
                 "warmup_requests": run.gateway.counters[result.step]["warmup_requests"],
                 "loaded": await run.client.models(),
-                "current_adapter": run.sync.current,
+                "adapters": dict(run.sync.loaded),
             }
         )
         record["served_gaps"].append(await served_gap(backend, model, questions=2))  # after the cache check
@@ -87,8 +87,10 @@ async def test_each_sync_serves_the_new_policy_with_no_stale_cache(trained):
         assert check["weight_version"] == str(step)
         assert check["warmup_requests"] == 0  # a lone request is not warmed up...
         assert check["cached"] == 0  # ...and its prompt, cached under the old policy, is not reused
-        # The previous adapter is unloaded once drained: the server holds only the current one.
-        assert check["loaded"][1:] == [check["current_adapter"]]
+        # Older adapters are unloaded once drained: the server holds this step's and the one before it (a client
+        # may have read the step number just before the sync), no other.
+        assert sorted(check["adapters"]) == [step - 1, step]
+        assert sorted(check["loaded"][1:]) == sorted(check["adapters"].values())
 
 
 async def test_group_samples_reuse_the_prompt_prefix(trained):
@@ -134,10 +136,15 @@ async def test_gateway_routes_names_and_refuses_unknown_ones(trained):
         await client.chat.completions.create(model="someone-else", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.NotFoundError):  # a step not reached yet
         await client.chat.completions.create(model=f"oneword@{STEPS + 5}", messages=[{"role": "user", "content": "hi"}])
-    old = await client.chat.completions.create(  # an older step: served by the current policy, which says so
-        model="oneword@1", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    # A step is answered only by its own weights: the one before the newest is still loaded...
+    previous = await client.chat.completions.create(
+        model=f"oneword@{STEPS - 1}", messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
-    assert old.model_extra["metadata"]["weight_version"] == str(STEPS)
+    assert previous.model_extra["metadata"]["weight_version"] == str(STEPS - 1)
+    assert previous.choices[0].model_extra["weight_version"] == STEPS - 1  # each choice says who sampled it
+    # ...an older one is not, and is refused rather than answered by another policy.
+    with pytest.raises(openai.NotFoundError, match=r"step 1 of .oneword. is no longer loaded .* exact_adapter_lease"):
+        await client.chat.completions.create(model="oneword@1", messages=[{"role": "user", "content": "hi"}])
     stream = await client.chat.completions.create(
         model="oneword", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, stream=True
     )
@@ -159,7 +166,7 @@ async def test_save_checkpoint_false_affects_only_its_own_step(trained, art_path
 
 async def test_resume_continues_at_the_last_step(trained, art_path):
     await trained["backend"].close()
-    model = art.TrainableModel(name="oneword", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="oneword", run_name="oneword", project="tests", base_model=BASE)
     async with make_backend(art_path) as backend:
         await model.register(backend)
         assert model.get_inference_name() == f"oneword@{STEPS}"
@@ -172,7 +179,7 @@ async def test_resume_continues_at_the_last_step(trained, art_path):
 
 async def test_a_model_forked_from_a_checkpoint_starts_there(trained, art_path):
     source = art_path / "tests" / "models" / "oneword" / "checkpoints"
-    model = art.TrainableModel(name="forked", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="forked", run_name="forked", project="tests", base_model=BASE)
     async with make_backend(art_path) as backend:
         with pytest.raises(ModelNotFoundError, match=r"no checkpoint at or before step 3 in .*nobody"):
             await backend._experimental_fork_checkpoint(model, from_model="nobody", not_after_step=3)
@@ -190,7 +197,7 @@ async def test_a_model_forked_from_a_checkpoint_starts_there(trained, art_path):
 
 
 async def test_deleting_checkpoints_keeps_the_listed_steps_and_the_current_one(trained, art_path):
-    model = art.TrainableModel(name="oneword", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="oneword", run_name="oneword", project="tests", base_model=BASE)
     async with make_backend(art_path) as backend:  # not registered: nothing starts
         await backend._delete_checkpoint_files(model, [1])  # what model.delete_checkpoints() calls
     assert _checkpoints(art_path) == [1, STEPS + 1]
@@ -219,7 +226,7 @@ async def _requests_during(model, coro, n: int = 6):
 
 @pytest.mark.parametrize("method", ["disk", "restart"])
 async def test_merged_weight_sync_methods(method, tmp_path):
-    model = art.TrainableModel(name=f"m-{method}", project="tests", base_model=BASE)
+    model = art.TrainableModel(name=f"m-{method}", run_name=f"m-{method}", project="tests", base_model=BASE)
     async with make_backend(tmp_path, method) as backend:
         await model.register(backend)
         for step in (1, 2):
@@ -253,7 +260,7 @@ async def test_shared_mode_time_shares_with_the_stop_start_fallback(tmp_path, mo
             return await _original(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, name, recorded)
-    model = art.TrainableModel(name="shared", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="shared", run_name="shared", project="tests", base_model=BASE)
     backend = make_backend(tmp_path)
     backend.placement = Placement("shared", None, [], "forced for this test")
     async with backend:

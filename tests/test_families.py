@@ -68,7 +68,7 @@ def _backend(path: Path) -> SGLangBackend:
 async def test_family_serves_trains_and_syncs_exactly(name, family_root, tmp_path):
     family = BY_NAME[name]
     model_dir = build(family, small_model(), family_root / name)
-    model = art.TrainableModel(name=name, project="families", base_model=str(model_dir))
+    model = art.TrainableModel(name=name, run_name=name, project="families", base_model=str(model_dir))
     row: dict = {**describe(model_dir), "what": family.what, "template": family.template}
     async with _backend(tmp_path) as backend:
         await model.register(backend)
@@ -125,7 +125,7 @@ async def test_a_model_sglang_serves_otherwise_is_refused_at_start(family_root, 
     tied = dataclasses.replace(BY_NAME["qwen3_moe"], name="qwen3_moe_tied")
     tied = dataclasses.replace(tied, config={**tied.config, "tie_word_embeddings": True})
     model_dir = build(tied, small_model(), family_root / tied.name)
-    model = art.TrainableModel(name="tied", project="families", base_model=str(model_dir))
+    model = art.TrainableModel(name="tied", run_name="tied", project="families", base_model=str(model_dir))
     async with _backend(tmp_path) as backend:
         with pytest.raises(PolicyMismatchError, match="serves this model differently from transformers"):
             await model.register(backend)

@@ -96,3 +96,21 @@ async def test_sglangs_own_request_fields_are_dropped(gateway):
     assert r.status_code == 200, r.text
     data = r.json()
     assert len(data["prompt_token_ids"]) > 3 and data["choices"][0]["token_ids"]
+
+
+async def test_a_step_is_answered_only_by_its_own_weights(gateway):
+    gateway.set_route("policy", 3, None, older={1: None})  # step 1 still loaded (leased), step 2 not
+    async with httpx.AsyncClient(
+        base_url=gateway.base_url, timeout=120, headers={"Authorization": "Bearer secret"}
+    ) as c:
+        for model, version in (("policy", 3), ("policy@3", 3), ("policy@1", 1)):
+            r = await c.post("/chat/completions", json={**CHAT, "model": model})
+            assert r.status_code == 200, r.text
+            assert [ch["weight_version"] for ch in r.json()["choices"]] == [version]  # who sampled it
+        r = await c.post("/chat/completions", json={**CHAT, "model": "policy@2"})
+        assert r.status_code == 404
+        message = r.json()["error"]["message"]
+        assert "step 2 of 'policy' is no longer loaded on the server (loaded steps: [1, 3])" in message
+        assert "exact_adapter_lease(model, 2)" in message
+        r = await c.post("/chat/completions", json={**CHAT, "model": "policy@4"})
+        assert r.status_code == 404 and "does not exist yet: the newest is 3" in r.json()["error"]["message"]

@@ -54,7 +54,7 @@ def art_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 async def live(art_path):
-    model = art.TrainableModel(name="reliable", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="reliable", run_name="reliable", project="tests", base_model=BASE)
     backend = make_backend(art_path)
     await model.register(backend)
     groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)  # a small batch to train on
@@ -169,7 +169,7 @@ async def test_after_a_trainer_kill_a_new_backend_resumes_from_the_last_complete
     step = run.step
     await kill_trainer_mid_step(backend, model, run, live["groups"])
     await backend.close()
-    model = art.TrainableModel(name="reliable", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="reliable", run_name="reliable", project="tests", base_model=BASE)
     async with make_backend(art_path) as fresh:
         await model.register(fresh)
         assert model.get_inference_name() == f"reliable@{step}"
@@ -180,7 +180,7 @@ async def test_after_a_trainer_kill_a_new_backend_resumes_from_the_last_complete
 
 @pytest.mark.parametrize("damage", ["config", "weights"])
 async def test_a_corrupt_checkpoint_on_resume_names_the_directory_and_the_fix(tmp_path, damage):
-    model = art.TrainableModel(name="corrupt", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="corrupt", run_name="corrupt", project="tests", base_model=BASE)
     checkpoint = tmp_path / "tests" / "models" / "corrupt" / "checkpoints" / "0003"
     checkpoint.mkdir(parents=True)
     (checkpoint / "adapter_config.json").write_text("{not json" if damage == "config" else "{}")

@@ -66,7 +66,7 @@ async def _greedy_answer(model) -> str:
 
 
 async def test_train_sft_teaches_the_served_model_the_answer(tmp_path):
-    model = art.TrainableModel(name="sft", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="sft", run_name="sft", project="tests", base_model=BASE)
     async with make_backend(tmp_path) as backend:
         await model.register(backend)
         assert await _greedy_answer(model) != ANSWER

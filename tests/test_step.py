@@ -66,7 +66,7 @@ async def retry_takes_one_update(backend, model, groups, step: int) -> None:
 
 @pytest.fixture(scope="module")
 async def live(tmp_path_factory):
-    model = art.TrainableModel(name="atomic", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="atomic", run_name="atomic", project="tests", base_model=BASE)
     backend = make_backend(tmp_path_factory.mktemp("atomic"))
     await model.register(backend)
     groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)
@@ -136,7 +136,7 @@ async def test_two_train_calls_at_once_run_one_after_the_other(live):
 
 async def test_shared_mode_resume_fails(tmp_path):
     """Shared mode's stop/start time-share on this CPU: the server fails to come back after the trainer's turn."""
-    model = art.TrainableModel(name="shared-atomic", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="shared-atomic", run_name="shared-atomic", project="tests", base_model=BASE)
     backend = make_backend(tmp_path)
     backend.placement = Placement("shared", None, [], "forced for this test")
     async with backend:

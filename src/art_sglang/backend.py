@@ -21,12 +21,15 @@ from typing import Any
 
 import art
 from art import LocalTrainResult
+from art.adapter_leases import pin_inference_target, pinned_inference_name, pinned_inference_step
 
 from . import paths
 from .chat import ChatTemplate, tool_call_parser_for
 from .config import DeviceConfig, Placement, SGLangConfig, TrainerConfig, gpu_count, place
 from .errors import ArtSGLangError, ConfigError, ModelNotFoundError
 from .gateway import Gateway
+from .internal_config import apply_internal_config
+from .leases import Leases
 from .models import lora_targets, resolve_base_model
 from .server import SGLangClient, SGLangServer
 from .step import UNREQUESTED, ModelRun, TrainCall, republish_current, sft_step, train_step, write_atomic
@@ -148,27 +151,60 @@ class SGLangBackend:
     # -- ART's protocol ---------------------------------------------------------------------------------
     async def register(self, model: art.Model) -> None:
         model.base_path = self._path
-        model_dir = paths.model_dir(model.project, model.name, self._path)
+        model_dir = paths.model_dir_of(model, self._path)
         model_dir.mkdir(parents=True, exist_ok=True)
         dump = model.safe_model_dump() if hasattr(model, "safe_model_dump") else model.model_dump()
         write_atomic(model_dir / "model.json", json.dumps(dump, default=str))
 
     def _model_inference_name(self, model: art.Model, step: int | None = None) -> str:
+        if (pinned := pinned_inference_name(model.name, step)) is not None:  # inside an adapter lease
+            return pinned
+        if step is None:
+            step = pinned_inference_step(model.name)
         if step is None:
             run = self._runs.get(model.name)
-            step = run.step if run is not None else _latest_step(paths.model_dir(model.project, model.name, self._path))
+            step = run.step if run is not None else _latest_step(paths.model_dir_of(model, self._path))
         return f"{model.name}@{step or 0}"
+
+    # -- ART 0.5.23's adapter leases (PipelineTrainer): a held step is served by its own weights -------------
+    @contextlib.asynccontextmanager
+    async def exact_adapter_lease(self, model: art.TrainableModel, step: int) -> AsyncIterator[None]:
+        """Serve `name@step` with step's own adapter while the block runs (loaded from its checkpoint if it is no
+        longer on the server); `model.get_inference_name()` names it. LeaseError when that cannot be done."""
+        run = await self._ensure_run(model)
+        with run.leases.hold(step):
+            await run.sync.serve(step)
+            async with pin_inference_target(model.name, step=step, inference_name=f"{model.name}@{step}"):
+                yield
+
+    def adapter_lease(self, model: art.TrainableModel, step: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """As `exact_adapter_lease`: a step is never served by other weights here."""
+        return self.exact_adapter_lease(model, step)
+
+    @contextlib.asynccontextmanager
+    async def adapter_retention_lease(self, model: art.TrainableModel, step: int) -> AsyncIterator[None]:
+        """Keep step's adapter loaded, if it is, while the block runs (it is not loaded for this)."""
+        run = await self._ensure_run(model)
+        with run.leases.hold(step):
+            yield
+
+    async def prune_model_adapters(self, model: art.TrainableModel, *, retain_steps: set[int]) -> None:
+        """Unload the adapters of steps outside `retain_steps` that no lease or request holds (the newest two
+        steps stay)."""
+        run = self._runs.get(model.name)
+        if run is not None:
+            await run.sync.prune(set(retain_steps))
 
     async def _get_step(self, model: art.TrainableModel) -> int:
         run = self._runs.get(model.name)
         if run is not None:
             return run.step
-        return _latest_step(paths.model_dir(model.project, model.name, self._path)) or 0
+        return _latest_step(paths.model_dir_of(model, self._path)) or 0
 
     async def _delete_checkpoint_files(self, model: art.TrainableModel, steps_to_keep: list[int]) -> None:
         current = await self._get_step(model)
         keep = set(steps_to_keep) | {current}
-        for d in (paths.model_dir(model.project, model.name, self._path) / "checkpoints").glob("[0-9]*"):
+        for d in (paths.model_dir_of(model, self._path) / "checkpoints").glob("[0-9]*"):
             if d.name.isdigit() and int(d.name) not in keep:
                 shutil.rmtree(d, ignore_errors=True)
 
@@ -200,7 +236,7 @@ class SGLangBackend:
             raise ModelNotFoundError(f"no checkpoint{limit} in {source} (steps there: {steps or 'none'})")
         step = eligible[-1]
         _check_checkpoint(paths.checkpoint_dir(source_dir, step))
-        target_dir = paths.model_dir(model.project, model.name, self._path)
+        target_dir = paths.model_dir_of(model, self._path)
         existing = _latest_step(target_dir)
         if existing is not None and existing >= step:
             raise ArtSGLangError(
@@ -383,8 +419,16 @@ class SGLangBackend:
         return self._runs[model.name]
 
     async def _start(self, model: art.TrainableModel) -> ModelRun:
-        p, cfg, tc = self.placement, self.sglang_config, self.trainer_config
-        model_dir = paths.model_dir(model.project, model.name, self._path)
+        applied = apply_internal_config(
+            getattr(model, "_internal_config", None),
+            self.sglang_config,
+            self.trainer_config,
+            self.device_config,
+            lora_config=getattr(model, "lora_config", None),
+        )
+        cfg, tc = applied.sglang, applied.trainer
+        p = self.placement = place(applied.devices, gpu_count())
+        model_dir = paths.model_dir_of(model, self._path)
         model_dir.mkdir(parents=True, exist_ok=True)
         base = resolve_base_model(model.base_model)
         if (model_dir / "checkpoints").is_dir():
@@ -394,9 +438,8 @@ class SGLangBackend:
             _check_checkpoint(paths.checkpoint_dir(model_dir, step))
         template = ChatTemplate.load(base, cfg.chat_template)
         parser = tool_call_parser_for(template.source) if cfg.tool_call_parser == "auto" else cfg.tool_call_parser
-        peft_args = dict((getattr(model, "_internal_config", None) or {}).get("peft_args") or {})
-        rank = int(peft_args.get("r", tc.lora_rank))
-        targets = _lora_targets(base, peft_args.get("target_modules", tc.target_modules))
+        peft_args = dict(applied.peft_args)
+        targets = _lora_targets(base, tc.target_modules)
         if targets is not None:
             peft_args["target_modules"] = targets
         settings = TrainerSettings.from_config(
@@ -408,7 +451,6 @@ class SGLangBackend:
         server_cfg = SGLangConfig(
             **{
                 **vars(cfg),
-                "max_lora_rank": max(cfg.max_lora_rank, rank),
                 "lora_target_modules": cfg.lora_target_modules or targets or ["all"],
             }
         )
@@ -418,7 +460,7 @@ class SGLangBackend:
         server = SGLangServer(
             base,
             server_cfg,
-            log_path=paths.server_log(model.project, model.name, self._path),
+            log_path=paths.model_dir_of(model, self._path) / "logs" / "sglang.log",
             device=p.inference_device,
             enable_lora=True,
             served_model_name=model.name,
@@ -460,7 +502,8 @@ class SGLangBackend:
             )
             gateway.start()
             merged_root = _merged_root(model)
-            ctx = SyncContext(model.name, server, client, gateway, trainer, server_cfg, merged_root)
+            leases = Leases()
+            ctx = SyncContext(model.name, server, client, gateway, trainer, server_cfg, merged_root, model_dir, leases)
             method = cfg.weight_sync_method
             if method == "lora" and not (await client.server_info()).get("enable_lora"):
                 log.warning("art-sglang: this server cannot serve LoRA adapters; weight sync falls back to 'disk'")
@@ -483,7 +526,19 @@ class SGLangBackend:
                 await client.aclose()
             raise
         run = ModelRun(
-            model, model_dir, base, template, trainer, server, client, gateway, sync, timeshare, step, merged_root
+            model,
+            model_dir,
+            base,
+            template,
+            trainer,
+            server,
+            client,
+            gateway,
+            sync,
+            timeshare,
+            step,
+            merged_root,
+            leases,
         )
         run.watcher = asyncio.create_task(self._watch(run))
         return run

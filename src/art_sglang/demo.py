@@ -106,7 +106,7 @@ async def run(args: argparse.Namespace) -> list[StepRow]:
     from .tasks import ONE_WORD_QUESTIONS, one_word_rollout
 
     rng = random.Random(args.seed)
-    model = art.TrainableModel(name=args.name, project=args.project, base_model=args.model)
+    model = art.TrainableModel(name=args.name, run_name=args.name, project=args.project, base_model=args.model)
     backend = SGLangBackend(
         path=args.path,
         sglang_config=SGLangConfig(weight_sync_method=args.sync, dtype=args.dtype, max_total_tokens=32768),
@@ -129,7 +129,7 @@ async def run(args: argparse.Namespace) -> list[StepRow]:
             questions = rng.sample(ONE_WORD_QUESTIONS, k=min(args.groups_per_step, len(ONE_WORD_QUESTIONS)))
             t_roll = time.monotonic()
             groups = await art.gather_trajectory_groups(
-                [art.TrajectoryGroup(rollout(q) for _ in range(args.group_size)) for q in questions],
+                [art.trajectory_group(rollout(q) for _ in range(args.group_size)) for q in questions],
                 pbar_desc=f"rollout {start_step + i}",
                 pbar_total_completion_tokens=False,
             )

@@ -77,3 +77,7 @@ class StepFailedError(ArtSGLangError):
 class PolicyMismatchError(ArtSGLangError):
     """The server and the trainer give different logprobs to the same tokens: SGLang serves this model differently
     from transformers, and training on its samples would be wrong."""
+
+
+class LeaseError(ArtSGLangError):
+    """A policy step cannot be served by its own weights (an adapter lease that cannot be granted)."""

@@ -1,14 +1,22 @@
-"""ART's file layout: `.art/<project>/models/<name>/` with checkpoints/, trajectories/, logs/."""
+"""ART's file layout: `.art/<project>/models/<run_name>/` with checkpoints/, trajectories/, logs/.
+
+openpipe-art 0.5.23 keeps a trainable model's files under its `run_name`; `name` is only what it is served as."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 DEFAULT_ART_PATH = ".art"
 
 
 def model_dir(project: str, name: str, art_path: str | Path = DEFAULT_ART_PATH) -> Path:
     return Path(art_path) / project / "models" / name
+
+
+def model_dir_of(model: Any, art_path: str | Path = DEFAULT_ART_PATH) -> Path:
+    """Where ART keeps `model`'s files: under its run name (0.5.23), or its name for a model without one."""
+    return model_dir(model.project, getattr(model, "run_name", None) or model.name, art_path)
 
 
 def server_log(project: str, name: str, art_path: str | Path = DEFAULT_ART_PATH) -> Path:

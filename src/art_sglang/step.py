@@ -29,6 +29,7 @@ from . import paths
 from .chat import ChatTemplate
 from .errors import ConfigError, StepFailedError, TrainerCrashedError
 from .gateway import Gateway
+from .leases import Leases
 from .plots import plot_rows
 from .server import SGLangClient, SGLangServer
 from .sync import GpuTimeShare, WeightSync
@@ -59,6 +60,7 @@ class ModelRun:
     timeshare: GpuTimeShare | None  # shared mode (one GPU)
     step: int  # the published step: what the server serves and what the trainer holds between steps
     merged_root: Path
+    leases: Leases  # ART's adapter leases: steps that stay served by their own adapters
     restarts: int = 0  # of the server, after crashes
     trainer_restarts: int = 0
     watcher: asyncio.Task[None] | None = None
@@ -97,7 +99,31 @@ async def train_step(run: ModelRun, groups: list[Any], call: TrainCall) -> Local
             return {}
         return await run.trainer.train(prepared.sequences, options)
 
-    return await _take_step(run, step, started, inputs, train, prepared.counts, call.save_checkpoint)
+    policy = policy_metrics(groups, run.step)
+    result = await _take_step(run, step, started, inputs, train, prepared.counts, call.save_checkpoint)
+    result.metrics.update(policy)
+    return result
+
+
+def policy_metrics(groups: list[Any], current: int) -> dict[str, float]:
+    """How far behind `current` the policies that sampled the trajectories were: each reply carries the step that
+    sampled it (the gateway's `weight_version`); a trajectory counts as its oldest reply."""
+    lags = []
+    for group in groups:
+        for trajectory in group.trajectories:
+            histories = [trajectory.messages_and_choices]
+            histories += [h.messages_and_choices for h in trajectory.additional_histories]
+            versions = [
+                v
+                for history in histories
+                for item in history
+                if not isinstance(item, dict) and isinstance(v := getattr(item, "weight_version", None), int)
+            ]
+            if versions:
+                lags.append(current - min(versions))
+    if not lags:
+        return {}
+    return {"policy/steps_off_policy_mean": sum(lags) / len(lags), "policy/steps_off_policy_max": float(max(lags))}
 
 
 def _with_reference(run: ModelRun, call: TrainCall) -> StepOptions:

@@ -2,8 +2,9 @@
 
 It runs an aiohttp server on its own thread and event loop, so a busy user loop never stalls it. For a request:
 - `model` (`name@step` or `name`) is looked up in the routing table: which adapter (or the base weights) serves
-  that policy now. An older step is served by the current policy (its weights are gone after a sync); unknown
-  names and steps not reached yet get a 404 that lists the known ones. SGLang's own request fields are dropped.
+  that policy now. A step is served only by its own weights: the newest, or an older one still loaded (leased);
+  any other step, and unknown names, get a 404 that says why. Each choice carries `weight_version`, the step that
+  sampled it. SGLang's own request fields are dropped.
 - a chat prompt is rendered here, token-exact: earlier replies of the conversation are sent as the ids the engine
   sampled (replies.py), the rest with the chat template; the engine gets the ids (`input_ids`).
 - logprobs are forced on; each Choice carries the engine's `prompt_token_ids` and sampled `token_ids` (as vLLM's
@@ -29,7 +30,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,15 +144,13 @@ class Gateway:
             self._thread.join(timeout=30)
         self._loop = self._thread = None
 
-    def set_route(self, name: str, step: int, adapter: str | None, keep_steps: bool = False) -> None:
-        """Serve `name` and `name@step` from `adapter` (None: base weights). Older steps stop being served unless
-        `keep_steps` (an adapter still loaded for them)."""
-        route = Route(step, adapter)
+    def set_route(self, name: str, step: int, adapter: str | None, older: Mapping[int, str] | None = None) -> None:
+        """Serve `name` and `name@step` from `adapter` (None: base weights), and each step of `older` from its own
+        adapter (steps leased or still loaded). Any other step of `name` is refused with a 404."""
+        table: dict[Any, Route] = {k: Route(k, a) for k, a in (older or {}).items() if k != step}
+        table[step] = table["current"] = Route(step, adapter)
 
         def flip() -> None:
-            table = dict(self._routes.get(name, {})) if keep_steps else {}
-            table[step] = route
-            table["current"] = route
             self._routes = {**self._routes, name: table}
 
         self._call(flip)
@@ -306,15 +305,27 @@ class Gateway:
         if not step:
             return table["current"]
         try:
-            wanted = int(step)
+            return table.get(int(step))
         except ValueError:
             return None
-        current = table["current"]
-        if wanted in table:
-            return table[wanted]
-        # An older step (a request prepared before the last sync) goes to the current policy; the response's
-        # weight_version says which one answered. A step not reached yet is unknown.
-        return current if wanted < current.version else None
+
+    def _not_served(self, model: Any) -> str:
+        """Why `model` has no route, and what to ask for instead."""
+        name, _, step = str(model).partition("@")
+        table = self._routes.get(name)
+        if table is None or not step.isdigit():
+            known = ", ".join(self.known_models()) or "none yet"
+            return f"model {model!r} is not served here; known models: {known}"
+        newest = table["current"].version
+        if int(step) > newest:
+            return f"step {step} of {name!r} does not exist yet: the newest is {newest} ({name}@{newest})"
+        # Never another policy in its place: the caller's off-policy accounting would name the wrong weights.
+        loaded = sorted(k for k in table if k != "current")
+        return (
+            f"step {step} of {name!r} is no longer loaded on the server (loaded steps: {loaded}), and no other "
+            f"policy answers in its place. Ask for {name!r} (step {newest}), or hold "
+            f"backend.exact_adapter_lease(model, {step}) while sending, which loads its checkpoint"
+        )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._forward(request, "/v1/chat/completions", chat=True)
@@ -381,8 +392,7 @@ class Gateway:
                 # between them, so an adapter is never unloaded under a request that was routed to it.
                 route = self._resolve(requested)
                 if route is None:
-                    known = ", ".join(self.known_models()) or "none yet"
-                    return _error(404, f"model {requested!r} is not served here; known models: {known}")
+                    return _error(404, self._not_served(requested))
                 body["model"] = self.served_model
                 if route.adapter is not None:
                     body["lora_path"] = route.adapter
@@ -473,6 +483,8 @@ class Gateway:
             for i, choice in enumerate(data["choices"]):
                 choice["index"] = i
             data["usage"] = _summed_usage([r.get("usage") or {} for r in replies])
+        for choice in data.get("choices") or []:
+            choice["weight_version"] = route.version  # the policy that sampled it, kept with the trajectory
         if chat:
             choices = data.get("choices") or []
             for choice in choices:
@@ -548,9 +560,11 @@ class Gateway:
                         if usage:
                             self._count(route, usage)
                             completion_tokens = usage.get("completion_tokens")
+                        for choice in chunk.get("choices") or []:
+                            choice["weight_version"] = route.version
                         if prompt is not None:
                             self._annotate_chunk(chunk, prompt, replies)
-                            line = b"data: " + json.dumps(chunk).encode() + b"\n"
+                        line = b"data: " + json.dumps(chunk).encode() + b"\n"
                     await response.write(line)
             except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
                 # Part of the stream is with the client: it cannot be sent again, only ended with an error that

@@ -6,8 +6,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import paths
 from ..config import SGLangConfig
+from ..errors import LeaseError
 from ..gateway import Gateway
+from ..leases import Leases
 from ..server import SGLangClient, SGLangServer
 from ..trainer.worker import TrainerGroup
 
@@ -21,6 +24,8 @@ class SyncContext:
     trainer: TrainerGroup
     config: SGLangConfig
     merged_root: Path  # where merged weights are exported (a RAM disk when there is room)
+    model_dir: Path  # the model's checkpoints are under it
+    leases: Leases
     drain_timeout: float = 60.0
 
 
@@ -38,9 +43,26 @@ class WeightSync:
 
     def __init__(self, ctx: SyncContext) -> None:
         self.ctx = ctx
+        self.step: int | None = None  # the step new requests for the model go to
 
     async def publish(self, step: int, checkpoint: Path) -> dict[str, float]:
         raise NotImplementedError
+
+    async def serve(self, step: int) -> None:
+        """Make `name@step` answered by step's own weights while a lease holds it, or raise LeaseError. A method
+        that keeps one policy on the server can serve only the newest step."""
+        if step != self.step:
+            raise LeaseError(
+                f"step {step} of {self.ctx.name!r} cannot be served: weight_sync_method={self.method!r} keeps one "
+                f"policy on the server (step {self.step}). Use weight_sync_method='lora' to serve older steps "
+                "(PipelineTrainer, evaluation of old checkpoints)."
+            )
+
+    async def prune(self, keep: set[int]) -> None:
+        """Unload what no lease, request or `keep` needs (ART's prune_model_adapters)."""
+
+    def checkpoint(self, step: int) -> Path:
+        return paths.checkpoint_dir(self.ctx.model_dir, step)
 
     async def close(self) -> None:
         """Finish background work (adapter unloads)."""

@@ -38,6 +38,7 @@ class DiskSync(WeightSync):
                     await ctx.client.continue_generation()
                 await self._flush_when_idle()
             ctx.gateway.set_route(ctx.name, step, None)
+            self.step = step
         return {
             "sync_seconds": time.monotonic() - started,
             "update_seconds": time.monotonic() - exported,

@@ -1,9 +1,14 @@
-"""`lora`: load the new adapter under a new name, route new requests to it, unload the old one once drained.
+"""`lora`: load the new adapter under a new name, route new requests to it, unload older ones once free.
 
 A step's new adapter goes from the trainer's memory to the server's (`/load_lora_adapter_from_tensors`), before its
 checkpoint is written; a step published again (after a failure or a server restart) loads from its checkpoint.
 Each load gets a new name (SGLang keys its prefix cache by adapter id, and a request naming an unloaded adapter
 silently reloads it from its old path: so names are never reused and old names are never routed to).
+
+Several steps can be loaded at once, each routed as `name@step` to its own adapter: the newest, the one before it
+(a caller may have read the step number just before a publish), and any step a lease holds (ART's adapter leases:
+PipelineTrainer's rollouts of an older policy, an evaluation of an old checkpoint, which loads it on demand). Any
+other adapter is unloaded once no request runs on it; a step no longer loaded is refused at the gateway.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import secrets
 import time
 from pathlib import Path
 
-from ..errors import ArtSGLangError
+from .. import paths
+from ..errors import ArtSGLangError, LeaseError
 from .base import SyncContext, WeightSync
 
 log = logging.getLogger(__name__)
@@ -26,14 +32,22 @@ class LoraSync(WeightSync):
 
     def __init__(self, ctx: SyncContext) -> None:
         super().__init__(ctx)
-        self.current: str | None = None  # the adapter new requests are routed to
-        self._server_pid: int | None = None  # the server process that holds it
+        self.loaded: dict[int, str] = {}  # step -> its adapter on the server process `_server_pid`
+        self.previous: int | None = None  # the step before `step`: kept loaded too
+        self._server_pid: int | None = None
+        self._lock = asyncio.Lock()  # changes of `loaded` and the routes
         self._unloads: set[asyncio.Task[None]] = set()
+        ctx.leases.on_release = self._released
+
+    @property
+    def current(self) -> str | None:
+        """The adapter new requests for the model are routed to."""
+        return self.loaded.get(self.step) if self.step is not None else None
 
     async def publish(self, step: int, checkpoint: Path) -> dict[str, float]:
         ctx = self.ctx
         started = time.monotonic()
-        name = f"{ctx.name}-step{step}-{secrets.token_hex(3)}"
+        name = self._new_name(step)
         metrics: dict[str, float] = {}
         if (checkpoint / "adapter_model.safetensors").exists():
             await ctx.client.load_lora_adapter(name, str(checkpoint))
@@ -48,15 +62,86 @@ class LoraSync(WeightSync):
             with contextlib.suppress(ArtSGLangError):  # best effort: the server may be gone
                 await ctx.client.unload_lora_adapter(name)
             raise
-        previous = self.current if self._server_pid == ctx.server.pid else None  # else it died with its server
-        self.current, self._server_pid = name, ctx.server.pid
-        ctx.gateway.set_route(ctx.name, step, name)
+        async with self._lock:
+            restarted = self._server_pid != ctx.server.pid
+            if restarted:  # what was loaded died with the old server process
+                self.loaded, self._server_pid = {}, ctx.server.pid
+            replaced = self.loaded.get(step)  # the same step published again
+            if self.step is not None and step > self.step:
+                self.previous = self.step
+            elif self.step is not None and step < self.step:  # a failed step rolled back: nothing may serve it
+                for later in [k for k in self.loaded if k > step]:
+                    self._unload_later(self.loaded.pop(later))
+                if self.previous is not None and self.previous >= step:
+                    self.previous = None
+            self.loaded[step], self.step = name, step
+            self._route()
         flipped = time.monotonic()
-        if previous is not None:
-            task = asyncio.create_task(self._unload_when_drained(previous))
-            self._unloads.add(task)
-            task.add_done_callback(self._unloads.discard)
+        if replaced is not None:
+            self._unload_later(replaced)
+        for old in list(self.loaded):
+            self._released(old)
+        if restarted:  # steps still leased come back from their checkpoints
+            for held in sorted(ctx.leases.held() - {step}):
+                try:
+                    await self.serve(held)
+                except ArtSGLangError as e:
+                    log.warning("step %d is leased but could not be loaded again after a restart: %s", held, e)
         return {"sync_seconds": flipped - started, "adapter_load_seconds": loaded - started, **metrics}
+
+    async def serve(self, step: int) -> None:
+        ctx = self.ctx
+        async with self._lock:
+            if self._server_pid == ctx.server.pid and step in self.loaded:
+                return
+            if self.step is None or step > self.step:
+                raise LeaseError(f"step {step} of {ctx.name!r} does not exist yet (newest: {self.step})")
+            checkpoint = self.checkpoint(step)
+            if not (checkpoint / "adapter_model.safetensors").is_file():
+                raise LeaseError(
+                    f"step {step} of {ctx.name!r} is not loaded and has no checkpoint to load ({checkpoint}); steps "
+                    f"with one: {paths.checkpoint_steps(ctx.model_dir)}. Train with save_checkpoint=True for the "
+                    "steps you will evaluate later."
+                )
+            on_server = len(await ctx.client.models()) - 1  # every model's adapters count
+            if on_server >= ctx.config.max_loras_per_batch:
+                raise LeaseError(
+                    f"cannot load step {step} of {ctx.name!r}: the server holds {on_server} adapters, "
+                    f"SGLangConfig.max_loras_per_batch={ctx.config.max_loras_per_batch} (this model's loaded steps: "
+                    f"{sorted(self.loaded)}, leased: {sorted(ctx.leases.held())}). Release a lease first, or "
+                    "raise max_loras_per_batch."
+                )
+            name = self._new_name(step)
+            await ctx.client.load_lora_adapter(name, str(checkpoint))
+            self.loaded[step] = name
+            self._route()
+        log.info("loaded step %d of %s from %s for a lease", step, ctx.name, checkpoint)
+
+    async def prune(self, keep: set[int]) -> None:
+        # Steps no lease holds are unloaded as soon as they are free; `keep` cannot hold more than a lease would.
+        for step in list(self.loaded):
+            if step not in keep:
+                self._released(step)
+
+    def _released(self, step: int) -> None:
+        """`step` lost its last lease, or the policy moved on: unload it unless it is still needed."""
+        if step in (self.step, self.previous) or step in self.ctx.leases.held() or step not in self.loaded:
+            return
+        name = self.loaded.pop(step)
+        self._route()  # from now on `name@step` is refused; requests already routed to it finish first
+        self._unload_later(name)
+
+    def _route(self) -> None:
+        assert self.step is not None
+        self.ctx.gateway.set_route(self.ctx.name, self.step, self.loaded[self.step], older=self.loaded)
+
+    def _new_name(self, step: int) -> str:
+        return f"{self.ctx.name}-step{step}-{secrets.token_hex(3)}"
+
+    def _unload_later(self, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._unload_when_drained(name))
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
 
     async def _unload_when_drained(self, name: str) -> None:
         ctx = self.ctx

@@ -27,6 +27,7 @@ class RestartSync(WeightSync):
                 await ctx.gateway.wait_idle(ctx.drain_timeout)  # in-flight requests finish on the old weights
                 await ctx.server.restart(model_path=merged, weight_version=str(step))
             ctx.gateway.set_route(ctx.name, step, None)
+            self.step = step
         return {
             "sync_seconds": time.monotonic() - started,
             "restart_seconds": time.monotonic() - exported,
