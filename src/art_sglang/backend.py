@@ -460,7 +460,7 @@ class SGLangBackend:
         server = SGLangServer(
             base,
             server_cfg,
-            log_path=paths.model_dir_of(model, self._path) / "logs" / "sglang.log",
+            log_path=paths.server_log(model_dir),
             device=p.inference_device,
             enable_lora=True,
             served_model_name=model.name,

@@ -23,12 +23,12 @@ async def _chat(args: argparse.Namespace) -> None:
     import httpx
 
     from .models import check_model_dir, small_model
-    from .paths import server_log
+    from .paths import model_dir, server_log
     from .server import SGLangServer
 
     model = check_model_dir(args.model) if args.model else small_model()
     placement = place(DeviceConfig(), gpu_count())
-    log_path = server_log("quickstart", "chat", args.art_path)
+    log_path = server_log(model_dir("quickstart", "chat", args.art_path))
     server = SGLangServer(
         model,
         SGLangConfig(max_total_tokens=16384),

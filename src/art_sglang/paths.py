@@ -19,8 +19,8 @@ def model_dir_of(model: Any, art_path: str | Path = DEFAULT_ART_PATH) -> Path:
     return model_dir(model.project, getattr(model, "run_name", None) or model.name, art_path)
 
 
-def server_log(project: str, name: str, art_path: str | Path = DEFAULT_ART_PATH) -> Path:
-    return model_dir(project, name, art_path) / "logs" / "sglang.log"
+def server_log(model_dir: Path) -> Path:
+    return model_dir / "logs" / "sglang.log"
 
 
 def checkpoint_dir(model_dir: Path, step: int) -> Path:
