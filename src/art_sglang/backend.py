@@ -161,8 +161,12 @@ class SGLangBackend:
             return pinned
         if step is None:
             step = pinned_inference_step(model.name)
+        run = self._runs.get(model.name)
+        if step is None and run is not None and run.sync.method != "lora":
+            # One policy on the server (`disk`, `restart`): only `name` always answers; each reply's weight_version
+            # says which step sampled it. A `name@step` would be refused once the next sync replaces that step.
+            return model.name
         if step is None:
-            run = self._runs.get(model.name)
             step = run.step if run is not None else _latest_step(paths.model_dir_of(model, self._path))
         return f"{model.name}@{step or 0}"
 
@@ -427,7 +431,9 @@ class SGLangBackend:
             lora_config=getattr(model, "lora_config", None),
         )
         cfg, tc = applied.sglang, applied.trainer
-        p = self.placement = place(applied.devices, gpu_count())
+        if applied.devices != self.device_config:  # the model's own GPU ids (ART's trainer/inference_gpu_ids)
+            self.placement = place(applied.devices, gpu_count())
+        p = self.placement
         model_dir = paths.model_dir_of(model, self._path)
         model_dir.mkdir(parents=True, exist_ok=True)
         base = resolve_base_model(model.base_model)
