@@ -81,12 +81,13 @@ class LoraSync(WeightSync):
             self._unload_later(replaced)
         for old in list(self.loaded):
             self._released(old)
-        if restarted:  # steps still leased come back from their checkpoints
-            for held in sorted(ctx.leases.held() - {step}):
+        if restarted:  # leased steps, and the one before, come back from their checkpoints
+            wanted = ctx.leases.held() | ({self.previous} if self.previous is not None else set())
+            for old in sorted(wanted - {step}):
                 try:
-                    await self.serve(held)
+                    await self.serve(old)
                 except ArtSGLangError as e:
-                    log.warning("step %d is leased but could not be loaded again after a restart: %s", held, e)
+                    log.warning("step %d could not be loaded again after the server restarted: %s", old, e)
         return {"sync_seconds": flipped - started, "adapter_load_seconds": loaded - started, **metrics}
 
     async def serve(self, step: int) -> None:
