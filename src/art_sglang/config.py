@@ -230,7 +230,8 @@ def gpu_count() -> int:
 
 @dataclass
 class TrainerConfig:
-    """The LoRA adapter and the trainer. ART's `_internal_config.peft_args` on the model override the LoRA fields."""
+    """The LoRA adapter and the trainer. A model's `lora_config` (ART 0.5.23) or `_internal_config` override these
+    fields (internal_config.py)."""
 
     lora_rank: int = 8  # ART's default
     lora_alpha: int = 16
