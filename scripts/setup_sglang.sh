@@ -58,7 +58,7 @@ venv_for() {
   if [ "$(cat "$dir/.art-sglang-ready" 2>/dev/null)" != "$hash" ]; then
     log "building $link ($dir); this takes a few minutes once"
     if [ "$dir" != "$root/$link" ]; then rm -rf "$dir"; fi
-    "$py" -m venv "$dir"
+    "$py" -m venv --clear "$dir"  # --clear: a venv of another Python left in place
     pip_in "$dir" --upgrade pip
     "$install" "$dir"
     echo "$hash" > "$dir/.art-sglang-ready"

@@ -1,4 +1,4 @@
-"""ART's own code across the versions the tests run against: 0.5.18 (Python 3.11) and 0.5.23 (Python 3.12)."""
+"""ART's own code across versions: 0.5.23 (Python 3.12), which the tests run, and 0.5.18, which they ran before."""
 
 from __future__ import annotations
 

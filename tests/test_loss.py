@@ -152,7 +152,7 @@ def test_truncated_importance_sampling_matches_art(seed, loss_fn):
 
 @pytest.mark.parametrize("loss_fn", ["cispo", "ppo"])
 def test_kl_penalty_from_the_samples_shapes_advantages_with_the_sampler_logprobs(loss_fn):
-    """ART 0.5.23's kl_penalty_source="sample" (not in the 0.5.18 installed here, so written out from its code):
+    """ART 0.5.23's kl_penalty_source="sample" (written out from its code, as the shaping it describes):
     advantages + coef * (the row's mean KL - KL per token), the KL of the sampler's logprobs against the reference."""
     inputs, new, ref = random_batch(3)
     mask = shifted(inputs["assistant_mask"], False)

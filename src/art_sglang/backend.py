@@ -174,16 +174,26 @@ class SGLangBackend:
     @contextlib.asynccontextmanager
     async def exact_adapter_lease(self, model: art.TrainableModel, step: int) -> AsyncIterator[None]:
         """Serve `name@step` with step's own adapter while the block runs (loaded from its checkpoint if it is no
-        longer on the server); `model.get_inference_name()` names it. LeaseError when that cannot be done."""
+        longer on the server); `model.get_inference_name()` names it. LeaseError when that cannot be done (or the
+        server's own error, if loading fails there)."""
         run = await self._ensure_run(model)
         with run.leases.hold(step):
             await run.sync.serve(step)
             async with pin_inference_target(model.name, step=step, inference_name=f"{model.name}@{step}"):
                 yield
 
-    def adapter_lease(self, model: art.TrainableModel, step: int) -> contextlib.AbstractAsyncContextManager[None]:
-        """As `exact_adapter_lease`: a step is never served by other weights here."""
-        return self.exact_adapter_lease(model, step)
+    @contextlib.asynccontextmanager
+    async def adapter_lease(self, model: art.TrainableModel, step: int) -> AsyncIterator[None]:
+        """PipelineTrainer's rollout lease: as `exact_adapter_lease` with the `lora` sync. With `disk` or `restart`
+        (one policy on the server) the rollouts ask for `name`, the newest step, and each reply's weight_version
+        says which step sampled it."""
+        run = await self._ensure_run(model)
+        if run.sync.method == "lora":
+            async with self.exact_adapter_lease(model, step):
+                yield
+            return
+        async with pin_inference_target(model.name, step=step, inference_name=model.name):
+            yield
 
     @contextlib.asynccontextmanager
     async def adapter_retention_lease(self, model: art.TrainableModel, step: int) -> AsyncIterator[None]:
@@ -227,7 +237,7 @@ class SGLangBackend:
         if from_s3_bucket is not None:
             raise ArtSGLangError(
                 "forking from S3 is not supported (nothing is downloaded at run time): copy the checkpoint into "
-                f"{self._path}/<project>/models/<name>/checkpoints/<step> and fork without from_s3_bucket"
+                f"{self._path}/<project>/models/<run_name>/checkpoints/<step> and fork without from_s3_bucket"
             )
         if model.name in self._runs:
             raise ArtSGLangError(f"fork into {model.name!r} before it trains: its server already serves a policy")
@@ -283,7 +293,7 @@ class SGLangBackend:
         run = await self._ensure_run(model)
         trajectories = list(trajectories)
         async with run.lock:
-            max_length = self.trainer_config.max_sequence_length
+            max_length = run.trainer_config.max_sequence_length
             result, batches = await sft_step(run, trajectories, learning_rate, batch_size, max_length, last_only)
         if verbose:
             print(f"[art-sglang] SFT step {result.step}: {len(batches)} batches, loss {result.metrics['loss']:.4f}")
@@ -303,8 +313,8 @@ class SGLangBackend:
         """One RL step: save the trajectories, validate and tokenize, train, checkpoint, and put the new policy on
         the server. All or nothing: on failure the model stays at its last step (see step.py). Calls for one
         model run one after another."""
-        call = self._train_options(kwargs)
         run = await self._ensure_run(model)
+        call = self._train_options(kwargs, run.trainer_config)
         groups = list(trajectory_groups)
         async with run.lock:
             return await train_step(run, groups, call)
@@ -333,7 +343,9 @@ class SGLangBackend:
             shutil.rmtree(run.merged_root, ignore_errors=True)
 
     # -- start-up ---------------------------------------------------------------------------------------
-    def _train_options(self, kwargs: dict[str, Any]) -> TrainCall:
+    def _train_options(self, kwargs: dict[str, Any], tc: TrainerConfig | None = None) -> TrainCall:
+        """`train()`'s keywords checked; `tc`: the model's TrainerConfig (the backend's when not given)."""
+        tc = tc or self.trainer_config
         for key, value in kwargs.items():
             if key in _SUPPORTED or key in _NO_EFFECT:
                 continue
@@ -385,7 +397,6 @@ class SGLangBackend:
         power = kwargs.get("num_trajectories_learning_rate_multiplier_power", 0.0)
         if not isinstance(power, int | float) or isinstance(power, bool):
             raise ConfigError("num_trajectories_learning_rate_multiplier_power", power, "a number")
-        tc = self.trainer_config
         lengths = [n for n in (tc.max_sequence_length, packed_length) if n is not None]
         prep = {
             "scale_rewards": bool(scale),
@@ -431,9 +442,9 @@ class SGLangBackend:
             lora_config=getattr(model, "lora_config", None),
         )
         cfg, tc = applied.sglang, applied.trainer
-        if applied.devices != self.device_config:  # the model's own GPU ids (ART's trainer/inference_gpu_ids)
-            self.placement = place(applied.devices, gpu_count())
         p = self.placement
+        if applied.devices != self.device_config:  # the model's own GPU ids (ART's trainer/inference_gpu_ids)
+            p = place(applied.devices, gpu_count())
         model_dir = paths.model_dir_of(model, self._path)
         model_dir.mkdir(parents=True, exist_ok=True)
         base = resolve_base_model(model.base_model)
@@ -545,7 +556,9 @@ class SGLangBackend:
             step,
             merged_root,
             leases,
+            tc,
         )
+        self.placement = p
         run.watcher = asyncio.create_task(self._watch(run))
         return run
 

@@ -27,6 +27,7 @@ from art import LocalTrainResult
 
 from . import paths
 from .chat import ChatTemplate
+from .config import TrainerConfig
 from .errors import ConfigError, StepFailedError, TrainerCrashedError
 from .gateway import Gateway
 from .leases import Leases
@@ -61,6 +62,7 @@ class ModelRun:
     step: int  # the published step: what the server serves and what the trainer holds between steps
     merged_root: Path
     leases: Leases  # ART's adapter leases: steps that stay served by their own adapters
+    trainer_config: TrainerConfig  # the backend's, with the model's own settings applied (internal_config.py)
     restarts: int = 0  # of the server, after crashes
     trainer_restarts: int = 0
     watcher: asyncio.Task[None] | None = None
@@ -119,8 +121,8 @@ def policy_metrics(groups: list[Any], current: int) -> dict[str, float]:
                 for item in history
                 if not isinstance(item, dict) and isinstance(v := getattr(item, "weight_version", None), int)
             ]
-            if versions:
-                lags.append(current - min(versions))
+            if versions:  # a reply of a step that failed and was rolled back counts as current
+                lags.append(max(0, current - min(versions)))
     if not lags:
         return {}
     return {"policy/steps_off_policy_mean": sum(lags) / len(lags), "policy/steps_off_policy_max": float(max(lags))}
@@ -213,13 +215,15 @@ async def _take_step(
             f"Cause: {type(e).__name__}: {e}"
         )
         raise (TrainerCrashedError if isinstance(e, TrainerCrashedError) else StepFailedError)(message) from e
-    previous, run.step = run.step, step
+    run.step = step
     # The newest step always has a checkpoint (a failed step and a resume publish it again); one that was not asked
     # for is marked, and removed once a newer step is durable. A checkpoint asked for is never removed here.
     if not save_checkpoint:
         (checkpoint / UNREQUESTED).touch()
-    if (run.checkpoint(previous) / UNREQUESTED).exists():
-        shutil.rmtree(run.checkpoint(previous), ignore_errors=True)
+    # A leased step's checkpoint stays until its lease ends: a server restart loads its adapter from it again.
+    for old in paths.checkpoint_steps(run.model_dir):
+        if old != step and old not in run.leases.held() and (run.checkpoint(old) / UNREQUESTED).exists():
+            shutil.rmtree(run.checkpoint(old), ignore_errors=True)
     metrics: dict[str, float] = {**train_metrics, **rollout}
     metrics.update({f"data/{k}": float(v) for k, v in counts.items()})
     metrics.update({f"sync/{k}": float(v) for k, v in sync_metrics.items()})
@@ -255,6 +259,10 @@ async def recover(run: ModelRun, failed: int, *, republish: bool) -> None:
     """Put the model back at `run.step` after step `failed` went wrong anywhere after its inputs were saved."""
     log.warning("art-sglang: step %d failed; going back to step %d", failed, run.step)
     shutil.rmtree(run.checkpoint(failed), ignore_errors=True)  # it was never published
+    republish = republish or run.server.crash_reason() is not None
+    if republish and not run.sync.needs_trainer:  # first: nothing may answer as the failed step meanwhile
+        await republish_current(run)
+        republish = False
     # A trainer that died is started again by the next train(), so that this error is not delayed by a start.
     if run.trainer.running:  # its adapter and optimizer may hold the failed step's update
         try:
@@ -262,7 +270,7 @@ async def recover(run: ModelRun, failed: int, *, republish: bool) -> None:
         except Exception as e:
             log.error("art-sglang: could not reset the trainer to step %d (%s); the next step restarts it", run.step, e)
             run.trainer.stop()
-    if republish or run.server.crash_reason() is not None:
+    if republish:
         if not run.trainer.running:  # the merged-weights syncs export the policy from it
             try:
                 await restart_trainer(run)

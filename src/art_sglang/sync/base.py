@@ -6,7 +6,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import paths
 from ..config import SGLangConfig
 from ..errors import LeaseError
 from ..gateway import Gateway
@@ -40,6 +39,7 @@ class WeightSync:
     """
 
     method = "base"
+    needs_trainer = True  # publishing exports the policy from the trainer (a republish too)
 
     def __init__(self, ctx: SyncContext) -> None:
         self.ctx = ctx
@@ -60,9 +60,6 @@ class WeightSync:
 
     async def prune(self, keep: set[int]) -> None:
         """Unload what no lease, request or `keep` needs (ART's prune_model_adapters)."""
-
-    def checkpoint(self, step: int) -> Path:
-        return paths.checkpoint_dir(self.ctx.model_dir, step)
 
     async def close(self) -> None:
         """Finish background work (adapter unloads)."""

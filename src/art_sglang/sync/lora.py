@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 class LoraSync(WeightSync):
     method = "lora"
+    needs_trainer = False  # a republish loads the checkpoint, or routes back to an adapter still loaded
 
     def __init__(self, ctx: SyncContext) -> None:
         super().__init__(ctx)
@@ -47,6 +48,22 @@ class LoraSync(WeightSync):
     async def publish(self, step: int, checkpoint: Path) -> dict[str, float]:
         ctx = self.ctx
         started = time.monotonic()
+        async with self._lock:
+            if (
+                self._server_pid == ctx.server.pid
+                and self.step is not None
+                and step < self.step
+                and step in self.loaded
+            ):
+                # A failed step rolled back: its predecessor's adapter is still loaded, unchanged. Route to it at
+                # once, so that nothing answers as the failed step while the trainer is being reset.
+                self._roll_back_to(step)
+                rolled_back = True
+            else:
+                rolled_back = False
+        if rolled_back:
+            await ctx.client.update_weight_version(str(step))
+            return {"sync_seconds": time.monotonic() - started, "adapter_load_seconds": 0.0}
         name = self._new_name(step)
         metrics: dict[str, float] = {}
         if (checkpoint / "adapter_model.safetensors").exists():
@@ -69,11 +86,8 @@ class LoraSync(WeightSync):
             replaced = self.loaded.get(step)  # the same step published again
             if self.step is not None and step > self.step:
                 self.previous = self.step
-            elif self.step is not None and step < self.step:  # a failed step rolled back: nothing may serve it
-                for later in [k for k in self.loaded if k > step]:
-                    self._unload_later(self.loaded.pop(later))
-                if self.previous is not None and self.previous >= step:
-                    self.previous = None
+            elif self.step is not None and step < self.step:
+                self._roll_back_to(step)
             self.loaded[step], self.step = name, step
             self._route()
         flipped = time.monotonic()
@@ -90,21 +104,35 @@ class LoraSync(WeightSync):
                     log.warning("step %d could not be loaded again after the server restarted: %s", old, e)
         return {"sync_seconds": flipped - started, "adapter_load_seconds": loaded - started, **metrics}
 
+    def _roll_back_to(self, step: int) -> None:
+        """Serve `step` again (its adapter, if loaded, stays): steps after it failed, and nothing may serve them."""
+        for later in [k for k in self.loaded if k > step]:
+            self._unload_later(self.loaded.pop(later))
+        if self.previous is not None and self.previous >= step:
+            self.previous = None
+        self.step = step
+        if step in self.loaded:
+            self._route()
+
     async def serve(self, step: int) -> None:
         ctx = self.ctx
         async with self._lock:
-            if self._server_pid == ctx.server.pid and step in self.loaded:
+            if step in self.loaded or self._server_pid != ctx.server.pid:
+                # Loaded; or the server restarted and the publish that follows reloads every leased step.
                 return
             if self.step is None or step > self.step:
                 raise LeaseError(f"step {step} of {ctx.name!r} does not exist yet (newest: {self.step})")
-            checkpoint = self.checkpoint(step)
+            checkpoint = paths.checkpoint_dir(ctx.model_dir, step)
             if not (checkpoint / "adapter_model.safetensors").is_file():
                 raise LeaseError(
                     f"step {step} of {ctx.name!r} is not loaded and has no checkpoint to load ({checkpoint}); steps "
                     f"with one: {paths.checkpoint_steps(ctx.model_dir)}. Train with save_checkpoint=True for the "
                     "steps you will evaluate later."
                 )
-            on_server = len(await ctx.client.models()) - 1  # every model's adapters count
+            on_server = await self._adapters_on_server()
+            if on_server >= ctx.config.max_loras_per_batch and self._unloads:
+                await asyncio.wait(self._unloads, timeout=ctx.drain_timeout)  # adapters still draining
+                on_server = await self._adapters_on_server()
             if on_server >= ctx.config.max_loras_per_batch:
                 raise LeaseError(
                     f"cannot load step {step} of {ctx.name!r}: the server holds {on_server} adapters, "
@@ -113,10 +141,18 @@ class LoraSync(WeightSync):
                     "raise max_loras_per_batch."
                 )
             name = self._new_name(step)
-            await ctx.client.load_lora_adapter(name, str(checkpoint))
+            try:
+                await ctx.client.load_lora_adapter(name, str(checkpoint))
+            except BaseException:  # cut off (or failed) mid-load: the server may hold it anyway
+                with contextlib.suppress(ArtSGLangError):
+                    await ctx.client.unload_lora_adapter(name)
+                raise
             self.loaded[step] = name
             self._route()
         log.info("loaded step %d of %s from %s for a lease", step, ctx.name, checkpoint)
+
+    async def _adapters_on_server(self) -> int:
+        return len(await self.ctx.client.models()) - 1  # every model's adapters count
 
     async def prune(self, keep: set[int]) -> None:
         # Steps no lease holds are unloaded as soon as they are free; `keep` cannot hold more than a lease would.
