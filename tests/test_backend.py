@@ -63,7 +63,7 @@ async def trained(art_path):
                 "inference_name": model.get_inference_name(),
                 "weight_version": after.metadata["weight_version"],
                 "cached": after.metrics["cached_tokens"],
-                "warmup_requests": run.gateway.counters[result.step]["warmup_requests"],
+                "warmup_requests": run.gateway.counters[model.name, result.step]["warmup_requests"],
                 "loaded": await run.client.models(),
                 "adapters": dict(run.sync.loaded),
             }

@@ -77,7 +77,8 @@ async def test_requests_wait_at_a_closed_gate_and_go_when_it_opens(gateway):
         gateway.open_gate()
         r = await pending
     assert r.status_code == 200
-    assert gateway.take_counters()[1]["requests"] == 1  # counted under the policy that served it
+    assert gateway.take_counters("policy")[1]["requests"] == 1  # counted under the policy that served it
+    assert gateway.take_counters("policy") == {} and gateway.take_counters("other") == {}  # taken once
 
 
 async def test_sglangs_own_request_fields_are_dropped(gateway):

@@ -16,6 +16,7 @@ from art.pipeline_trainer import PipelineTrainer, make_group_rollout_fn
 from art.pipeline_tuner.config import PipelineRuntimeConfig
 from rollouts import BASE, make_backend, rollout
 
+from art_sglang import paths
 from art_sglang.errors import LeaseError
 from art_sglang.tasks import ONE_WORD_QUESTIONS
 from art_sglang.trainer.sequence import Sequence
@@ -37,7 +38,7 @@ async def fixed_sequence_logprobs(run, adapter: str | None) -> tuple[list[float]
     return await run.client.score(ids, len(prompt), lora_path=adapter), sequence
 
 
-async def run_pipeline(art_path, name: str, max_steps_off_policy: int, steps: int, eval_every: int = 0):
+async def run_pipeline(art_path, name: str, max_steps_off_policy: int, steps: int, eval_every: int = 0, retention=None):
     model = art.TrainableModel(name=name, run_name=name, project="tests", base_model=BASE)
     backend = make_backend(art_path)
     await model.register(backend)
@@ -80,6 +81,7 @@ async def run_pipeline(art_path, name: str, max_steps_off_policy: int, steps: in
         eval_every_n_steps=eval_every,
         eval_at_start=False,
         log_interval_seconds=3600,
+        checkpoint_retention_strategy=retention,
     )
     await trainer.train(handle_signals=False)
     return record
@@ -87,7 +89,16 @@ async def run_pipeline(art_path, name: str, max_steps_off_policy: int, steps: in
 
 @pytest.fixture(scope="module")
 async def one_off(tmp_path_factory):
-    record = await run_pipeline(tmp_path_factory.mktemp("art"), "pipe1", max_steps_off_policy=1, steps=5, eval_every=2)
+    eligible: list[list[int]] = []
+
+    def keep_step_0(context):  # ART's checkpoint retention: it sees the steps it may delete, and keeps step 0
+        eligible.append([c.step for c in context.checkpoints])
+        return {0}
+
+    record = await run_pipeline(
+        tmp_path_factory.mktemp("art"), "pipe1", max_steps_off_policy=1, steps=5, eval_every=2, retention=keep_step_0
+    )
+    record["eligible"] = eligible
     yield record
     await record["backend"].close()
 
@@ -122,6 +133,14 @@ async def test_eval_runs_on_the_exact_checkpoint(one_off):
     assert [step for step, _, _ in one_off["evals"]] == [2, 4]
     for step, name, stamped in one_off["evals"]:
         assert name == f"pipe1@{step}" and stamped == [step]
+
+
+async def test_checkpoint_retention_deletes_what_the_strategy_drops(one_off):
+    # Eval steps (2, 4) are saved; other steps' checkpoints go once a newer one is durable; the strategy kept step 0.
+    assert any(2 in steps for steps in one_off["eligible"])  # offered once its eval was done
+    steps = paths.checkpoint_steps(one_off["run"].model_dir)
+    assert 0 in steps and 5 in steps and 2 not in steps, steps  # kept, current, deleted by the strategy
+    assert set(steps) <= {0, 4, 5}  # 4: its eval may still have been scheduled at step 5's retention
 
 
 async def test_released_adapters_are_unloaded(one_off):

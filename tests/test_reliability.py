@@ -62,7 +62,7 @@ async def live(art_path):
     await backend.close()
 
 
-async def test_five_syncs_while_64_requests_are_in_flight(live, caplog):
+async def test_three_syncs_while_64_requests_are_in_flight(live, caplog):
     model, backend, run = live["model"], live["backend"], live["run"]
     pid, crashes = run.server.pid, run.restarts
     at_sync: list[int] = []
@@ -75,7 +75,7 @@ async def test_five_syncs_while_64_requests_are_in_flight(live, caplog):
     run.sync.publish = counting_publish
     caplog.set_level(logging.WARNING)
     try:
-        for _ in range(5):
+        for _ in range(3):
             before = run.step
             requests = [
                 asyncio.create_task(rollout(model, q, max_tokens=32, ignore_eos=True))
@@ -93,7 +93,7 @@ async def test_five_syncs_while_64_requests_are_in_flight(live, caplog):
             assert versions[str(before)] > 0, versions
     finally:
         run.sync.publish = publish
-    assert at_sync == [64] * 5  # every sync happened with all 64 requests in flight
+    assert at_sync == [64] * 3  # every sync happened with all 64 requests in flight
     assert run.server.pid == pid and run.restarts == crashes  # no server crash
     assert "unloading anyway" not in caplog.text  # no adapter was unloaded under a running request
 

@@ -1,7 +1,8 @@
 """SGLangBackend: ART's `Backend` protocol over a managed SGLang server, a gateway and a trainer worker group.
 
 Orchestration only: the server (server/), the gateway (gateway.py), the weight-sync methods (sync/) and the
-trainer (trainer/) each do their own job. One trainable model per backend.
+trainer (trainer/) each do their own job. Several trainable models on one base model share one server (serving.py);
+each has its own trainer, checkpoints, adapters and routes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from .internal_config import apply_internal_config
 from .leases import Leases
 from .models import lora_targets, resolve_base_model
 from .server import SGLangClient, SGLangServer
-from .step import UNREQUESTED, ModelRun, TrainCall, republish_current, sft_step, train_step, write_atomic
+from .serving import Serving
+from .step import UNREQUESTED, ModelRun, TrainCall, publish, sft_step, train_step, write_atomic
 from .sync import METHODS, GpuTimeShare, SyncContext
 from .sync.check import check_served_policy
 from .trainer.core import StepOptions, TrainerSettings, restore_replaced
@@ -140,7 +142,8 @@ class SGLangBackend:
         self.api_key = api_key
         self.gateway_port = gateway_port
         self._runs: dict[str, ModelRun] = {}
-        self._starting: dict[str, asyncio.Lock] = {}
+        self._serving: Serving | None = None  # the server every model is served by
+        self._starting = asyncio.Lock()  # models start one at a time: the first starts the server
 
     async def __aenter__(self) -> SGLangBackend:
         return self
@@ -216,11 +219,15 @@ class SGLangBackend:
         return _latest_step(paths.model_dir_of(model, self._path)) or 0
 
     async def _delete_checkpoint_files(self, model: art.TrainableModel, steps_to_keep: list[int]) -> None:
-        current = await self._get_step(model)
-        keep = set(steps_to_keep) | {current}
-        for d in (paths.model_dir_of(model, self._path) / "checkpoints").glob("[0-9]*"):
-            if d.name.isdigit() and int(d.name) not in keep:
-                shutil.rmtree(d, ignore_errors=True)
+        """Delete the checkpoints of other steps than `steps_to_keep`, the current step and leased steps (a server
+        restart loads a leased step's adapter from its checkpoint)."""
+        keep = set(steps_to_keep) | {await self._get_step(model)}
+        if (run := self._runs.get(model.name)) is not None:
+            keep |= run.leases.held()
+        model_dir = paths.model_dir_of(model, self._path)
+        for step in paths.checkpoint_steps(model_dir):
+            if step not in keep:
+                shutil.rmtree(paths.checkpoint_dir(model_dir, step), ignore_errors=True)
 
     async def _experimental_fork_checkpoint(
         self,
@@ -327,18 +334,12 @@ class SGLangBackend:
         return run
 
     async def close(self) -> None:
-        """Stop everything this backend started: servers, gateways, trainer workers."""
+        """Stop everything this backend started: the server, the gateway, trainer workers."""
         runs, self._runs = list(self._runs.values()), {}
+        serving, self._serving = self._serving, None
+        if serving is not None:
+            await serving.close()
         for run in runs:
-            if run.watcher is not None:
-                run.watcher.cancel()
-                with contextlib.suppress(BaseException):
-                    await run.watcher
-            with contextlib.suppress(Exception):
-                await run.sync.close()
-            run.gateway.stop()
-            await run.client.aclose()
-            await asyncio.to_thread(run.server.stop)
             await run.trainer.shutdown()
             shutil.rmtree(run.merged_root, ignore_errors=True)
 
@@ -423,12 +424,7 @@ class SGLangBackend:
             return self._runs[model.name]
         if not getattr(model, "trainable", False):
             raise ArtSGLangError(f"model {model.name!r} is not trainable: SGLangBackend serves art.TrainableModel")
-        if self._runs:
-            raise ArtSGLangError(
-                f"this SGLangBackend already trains {next(iter(self._runs))!r}; use one backend per trainable model"
-            )
-        lock = self._starting.setdefault(model.name, asyncio.Lock())
-        async with lock:
+        async with self._starting:
             if model.name not in self._runs:
                 self._runs[model.name] = await self._start(model)
         return self._runs[model.name]
@@ -459,12 +455,6 @@ class SGLangBackend:
         targets = _lora_targets(base, tc.target_modules)
         if targets is not None:
             peft_args["target_modules"] = targets
-        settings = TrainerSettings.from_config(
-            str(base), tc, peft_args=peft_args, threads=tc.cpu_threads if p.mode == "cpu" else None
-        )
-        trainer = TrainerGroup(
-            settings, devices=p.training_devices, log_dir=model_dir / "logs", cpu_threads=tc.cpu_threads
-        )
         server_cfg = SGLangConfig(
             **{
                 **vars(cfg),
@@ -474,93 +464,125 @@ class SGLangBackend:
         memory_saver = cfg.enable_memory_saver
         if memory_saver is None:  # needs a GPU (and torch-memory-saver, which sglang[srt] brings)
             memory_saver = p.mode == "shared" and p.inference_device is not None
-        server = SGLangServer(
-            base,
-            server_cfg,
-            log_path=paths.server_log(model_dir),
-            device=p.inference_device,
-            enable_lora=True,
-            served_model_name=model.name,
-            memory_saver=memory_saver,
-            weight_version=str(step or 0),
-            tool_call_parser=parser,
+        key = _serving_key(base, server_cfg, parser, p, memory_saver)
+        shared = self._serving
+        if shared is not None:
+            _check_can_share(shared, key, model.name)
+        settings = TrainerSettings.from_config(
+            str(base), tc, peft_args=peft_args, threads=tc.cpu_threads if p.mode == "cpu" else None
         )
-        log.info(
-            "art-sglang: mode %s (%s); weight sync %s; tool-call parser %s",
-            p.mode,
-            p.reason,
-            cfg.weight_sync_method,
-            parser,
+        trainer = TrainerGroup(
+            settings, devices=p.training_devices, log_dir=model_dir / "logs", cpu_threads=tc.cpu_threads
         )
-        gateway = client = None
+        if shared is None:
+            log.info(
+                "art-sglang: mode %s (%s); weight sync %s; tool-call parser %s",
+                p.mode,
+                p.reason,
+                cfg.weight_sync_method,
+                parser,
+            )
+        else:
+            log.info("art-sglang: %s shares the server of %s", model.name, ", ".join(shared.runs))
+        serving, server = shared, None
         try:
-            if p.mode == "shared":
-                # One GPU: the trainer loads, then moves to CPU memory, and only then does the server start, so
-                # that it sizes its KV pool from the memory the trainer left.
+            if shared is not None:  # the server runs: only this model's trainer starts
                 await trainer.start()
                 step = await self._first_checkpoint(trainer, model_dir, step)
-                await trainer.offload()
-                await server.start()
-            else:  # side by side: both are mostly imports and loading
-                results = await asyncio.gather(trainer.start(), server.start(), return_exceptions=True)
-                if errors := [r for r in results if isinstance(r, BaseException)]:
-                    raise errors[0]
-                step = await self._first_checkpoint(trainer, model_dir, step)
-            client = SGLangClient(server.base_url, api_key=cfg.api_key)
-            gateway = Gateway(
-                server.base_url,
-                model.name,
-                template=ChatTemplate.load(base, cfg.chat_template),
-                port=self.gateway_port,
-                api_key=self.api_key,
-                upstream_api_key=cfg.api_key,
-                hold_timeout=max(600.0, cfg.server_timeout * 2),
-                server_log=str(server.log_path),
-            )
-            gateway.start()
+            else:
+                server = SGLangServer(
+                    base,
+                    server_cfg,
+                    log_path=paths.server_log(model_dir),
+                    device=p.inference_device,
+                    enable_lora=True,
+                    served_model_name=model.name,
+                    memory_saver=memory_saver,
+                    weight_version=str(step or 0),
+                    tool_call_parser=parser,
+                )
+                if p.mode == "shared":
+                    # One GPU: the trainer loads, then moves to CPU memory, and only then does the server start, so
+                    # that it sizes its KV pool from the memory the trainer left.
+                    await trainer.start()
+                    step = await self._first_checkpoint(trainer, model_dir, step)
+                    await trainer.offload()
+                    await server.start()
+                else:  # side by side: both are mostly imports and loading
+                    results = await asyncio.gather(trainer.start(), server.start(), return_exceptions=True)
+                    if errors := [r for r in results if isinstance(r, BaseException)]:
+                        raise errors[0]
+                    step = await self._first_checkpoint(trainer, model_dir, step)
+                serving = Serving(
+                    key,
+                    server,
+                    SGLangClient(server.base_url, api_key=cfg.api_key),
+                    self._gateway(base, cfg, model.name, server),
+                )
+                serving.gateway.start()
             merged_root = _merged_root(model)
             leases = Leases()
-            ctx = SyncContext(model.name, server, client, gateway, trainer, server_cfg, merged_root, model_dir, leases)
+            ctx = SyncContext(
+                model.name,
+                serving.server,
+                serving.client,
+                serving.gateway,
+                trainer,
+                server_cfg,
+                merged_root,
+                model_dir,
+                leases,
+            )
             method = cfg.weight_sync_method
-            if method == "lora" and not (await client.server_info()).get("enable_lora"):
+            if method == "lora" and not (await serving.client.server_info()).get("enable_lora"):
                 log.warning("art-sglang: this server cannot serve LoRA adapters; weight sync falls back to 'disk'")
                 method = "disk"
-            sync = METHODS[method](ctx)
             timeshare = None
             if p.mode == "shared":
-                timeshare = GpuTimeShare(server, client, trainer)
+                timeshare = GpuTimeShare(serving.server, serving.client, trainer)
                 log.info("art-sglang: shared mode: %s", await timeshare.check())
-            await sync.publish(step, paths.checkpoint_dir(model_dir, step))
+            run = ModelRun(
+                model=model,
+                model_dir=model_dir,
+                base=base,
+                template=template,
+                trainer=trainer,
+                serving=serving,
+                sync=METHODS[method](ctx),
+                timeshare=timeshare,
+                step=step,
+                merged_root=merged_root,
+                leases=leases,
+                trainer_config=tc,
+            )
+            await publish(run, step)
             if timeshare is None:  # (shared mode: the trainer is in CPU memory now)
                 gap = await check_served_policy(ctx, template)
                 log.info("art-sglang: the server serves the trainer's policy (mean logprob gap %.1e)", gap)
         except BaseException:
             await trainer.shutdown()
-            server.stop()
-            if gateway is not None:
-                gateway.stop()
-            if client is not None:
-                await client.aclose()
+            if shared is None and serving is not None:
+                await serving.close()
+            elif shared is None and server is not None:
+                await asyncio.to_thread(server.stop)
             raise
-        run = ModelRun(
-            model,
-            model_dir,
-            base,
-            template,
-            trainer,
-            server,
-            client,
-            gateway,
-            sync,
-            timeshare,
-            step,
-            merged_root,
-            leases,
-            tc,
-        )
+        serving.runs[model.name] = run
+        self._serving = serving
         self.placement = p
-        run.watcher = asyncio.create_task(self._watch(run))
+        serving.watch()
         return run
+
+    def _gateway(self, base: Path, cfg: SGLangConfig, served_model: str, server: SGLangServer) -> Gateway:
+        return Gateway(
+            server.base_url,
+            served_model,
+            template=ChatTemplate.load(base, cfg.chat_template),
+            port=self.gateway_port,
+            api_key=self.api_key,
+            upstream_api_key=cfg.api_key,
+            hold_timeout=max(600.0, cfg.server_timeout * 2),
+            server_log=str(server.log_path),
+        )
 
     @staticmethod
     async def _first_checkpoint(trainer: TrainerGroup, model_dir: Path, step: int | None) -> int:
@@ -571,22 +593,47 @@ class SGLangBackend:
         await trainer.load_checkpoint(paths.checkpoint_dir(model_dir, step))
         return step
 
-    async def _watch(self, run: ModelRun) -> None:
-        """Restart a crashed server on the newest policy; the gateway holds and resends meanwhile."""
-
-        async def on_crash(pid: int, reason: str) -> None:
-            async with run.lock:
-                if run.server.pid != pid and run.server.crash_reason() is None:
-                    return  # a failed step's recovery restarted it already
-                log.error("art-sglang: the SGLang server crashed (%s); restarting it on step %d", reason, run.step)
-                await republish_current(run)
-
-        while True:  # until close() cancels it; a restart by a sync ends one watch, the next one starts
-            await run.server.watch(on_crash)
-            await asyncio.sleep(0.5)
-
 
 # -- small helpers --------------------------------------------------------------------------------------------
+def _serving_key(base: Path, cfg: SGLangConfig, parser: str | None, p: Placement, memory_saver: bool) -> dict[str, Any]:
+    """What a model must match to be served by a running server."""
+    return {
+        "base model": str(base),
+        "SGLangConfig": vars(cfg),
+        "tool-call parser": parser,
+        "mode": p.mode,
+        "inference device": p.inference_device,
+        "memory saver": memory_saver,
+    }
+
+
+def _check_can_share(serving: Serving, key: dict[str, Any], name: str) -> None:
+    """A second model shares the running server, or gets an error that says why it cannot."""
+    first = next(iter(serving.runs))
+    mine = serving.key
+    if mine["SGLangConfig"]["weight_sync_method"] != "lora" or mine["mode"] not in ("cpu", "split"):
+        raise ArtSGLangError(
+            f"{name!r} cannot share the SGLang server of {first!r}: several models on one server need "
+            f"weight_sync_method='lora' (each model's adapters side by side) in cpu or split mode; this server uses "
+            f"{mine['SGLangConfig']['weight_sync_method']!r} in {mine['mode']} mode. Use one SGLangBackend per model."
+        )
+    differ = [k for k in key if key[k] != mine[k] and k != "SGLangConfig"]
+    differ += [f"SGLangConfig.{k}" for k, v in key["SGLangConfig"].items() if mine["SGLangConfig"].get(k) != v]
+    if differ:
+        details = "; ".join(f"{k}: {_key_value(key, k)!r} (server: {_key_value(mine, k)!r})" for k in differ)
+        raise ArtSGLangError(
+            f"{name!r} cannot share the SGLang server of {first!r}: one server serves one base model with one set "
+            f"of server settings, and these differ: {details}. Give both models the same settings, or use one "
+            "SGLangBackend per model."
+        )
+
+
+def _key_value(key: dict[str, Any], field: str) -> Any:
+    if field.startswith("SGLangConfig."):
+        return key["SGLangConfig"].get(field.removeprefix("SGLangConfig."))
+    return key[field]
+
+
 def _latest_step(model_dir: Path) -> int | None:
     steps = paths.checkpoint_steps(model_dir)
     return steps[-1] if steps else None

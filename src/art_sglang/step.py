@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import art
 from art import LocalTrainResult
@@ -40,6 +40,9 @@ from .trainer.schedule import art_rows
 from .trainer.sft import prepare_sft
 from .trainer.worker import TrainerGroup
 
+if TYPE_CHECKING:
+    from .serving import Serving
+
 log = logging.getLogger("art_sglang")
 # In a checkpoint directory: saved with save_checkpoint=False (only because it is the newest step).
 UNREQUESTED = ".unrequested"
@@ -47,26 +50,41 @@ UNREQUESTED = ".unrequested"
 
 @dataclass
 class ModelRun:
-    """Everything started for one model, and where its policy stands."""
+    """Everything started for one model, and where its policy stands. The server, its client and gateway may be
+    shared with other models (serving.py)."""
 
     model: art.TrainableModel
     model_dir: Path
     base: Path
     template: ChatTemplate  # the trainer's (the gateway has its own copy: tokenizers are not shared by threads)
     trainer: TrainerGroup
-    server: SGLangServer
-    client: SGLangClient
-    gateway: Gateway
+    serving: Serving
     sync: WeightSync
     timeshare: GpuTimeShare | None  # shared mode (one GPU)
     step: int  # the published step: what the server serves and what the trainer holds between steps
     merged_root: Path
     leases: Leases  # ART's adapter leases: steps that stay served by their own adapters
     trainer_config: TrainerConfig  # the backend's, with the model's own settings applied (internal_config.py)
-    restarts: int = 0  # of the server, after crashes
+    published_pid: int | None = None  # the server process the model's policy was last published to
     trainer_restarts: int = 0
-    watcher: asyncio.Task[None] | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step (or crash restart) at a time
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step (or republish) at a time
+
+    @property
+    def server(self) -> SGLangServer:
+        return self.serving.server
+
+    @property
+    def client(self) -> SGLangClient:
+        return self.serving.client
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.serving.gateway
+
+    @property
+    def restarts(self) -> int:
+        """Of the server, after crashes (counted once however many models it serves)."""
+        return self.serving.restarts
 
     def checkpoint(self, step: int) -> Path:
         return paths.checkpoint_dir(self.model_dir, step)
@@ -188,7 +206,7 @@ async def _take_step(
     save_checkpoint: bool,
 ) -> LocalTrainResult:
     """Train, publish and checkpoint `step` once its inputs are saved and prepared; on any failure, recover."""
-    rollout = rollout_metrics(run.gateway.take_counters())
+    rollout = rollout_metrics(run.gateway.take_counters(run.model.name))
     stage, server_pid = "train", run.server.pid
     train_metrics: dict[str, float] = {}
     try:
@@ -200,7 +218,7 @@ async def _take_step(
                 train_metrics = await train()
                 train_seconds = time.monotonic() - t0
                 stage = "publish"  # the server gets the GPU back first
-            sync_metrics = await run.sync.publish(step, run.checkpoint(step))
+            sync_metrics = await publish(run, step)
         stage = "checkpoint"  # off the path of the new policy to the server; the step ends when it is durable
         checkpoint = await run.trainer.save_checkpoint(run.checkpoint(step), step)
     except BaseException as e:
@@ -279,13 +297,18 @@ async def recover(run: ModelRun, failed: int, *, republish: bool) -> None:
         await republish_current(run)
 
 
+async def publish(run: ModelRun, step: int) -> dict[str, float]:
+    """Make the server serve `step` of the model (see WeightSync.publish)."""
+    metrics = await run.sync.publish(step, run.checkpoint(step))
+    run.published_pid = run.server.pid
+    return metrics
+
+
 async def republish_current(run: ModelRun) -> None:
     """Make the server serve `run.step` again: restart it if it is down (counted), then publish."""
     async with run.gateway.closed():
-        if run.server.crash_reason() is not None:
-            await run.server.restart()
-            run.restarts += 1
-        await run.sync.publish(run.step, run.checkpoint(run.step))
+        await run.serving.restart_if_down()
+        await publish(run, run.step)
 
 
 async def restart_trainer(run: ModelRun) -> None:

@@ -13,7 +13,7 @@ It runs an aiohttp server on its own thread and event loop, so a busy user loop 
 - the samples of a group share one prefill (warmup.py).
 - while the gate is closed (a sync or a server restart) requests wait; a request cut off by a server crash waits
   for the server and goes again, unless it is the one that crashes it (triage.py). Bounded by `hold_timeout`.
-Counters per policy version: requests, prompt, completion and cached tokens. Only `/v1/chat/completions`,
+Counters per model and policy version: requests, prompt, completion and cached tokens. Only `/v1/chat/completions`,
 `/v1/completions`, `/v1/models` and `/health` exist here: no SGLang admin endpoint is reachable through it.
 """
 
@@ -59,8 +59,9 @@ class _ScoringError(Exception):
 
 @dataclass(frozen=True)
 class Route:
-    """What serves one policy version: an adapter name on the server, or the base weights (None)."""
+    """What serves one policy version of a model: an adapter name on the server, or the base weights (None)."""
 
+    model: str
     version: int
     adapter: str | None
 
@@ -98,7 +99,7 @@ class Gateway:
         # name -> {"current": Route, step: Route}; replaced whole on every change (readers need no lock).
         self._routes: dict[str, dict[Any, Route]] = {}
         self.in_flight: Counter[str | None] = Counter()  # by adapter (None: base weights)
-        self.counters: defaultdict[int, Counter[str]] = defaultdict(Counter)  # by policy version
+        self.counters: defaultdict[tuple[str, int], Counter[str]] = defaultdict(Counter)  # by (model, version)
         self.held = 0  # requests that waited at a closed gate or were sent again
         self._idle_waiters: list[tuple[Any, concurrent.futures.Future[None]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,8 +148,8 @@ class Gateway:
     def set_route(self, name: str, step: int, adapter: str | None, older: Mapping[int, str] | None = None) -> None:
         """Serve `name` and `name@step` from `adapter` (None: base weights), and each step of `older` from its own
         adapter (steps leased or still loaded). Any other step of `name` is refused with a 404."""
-        table: dict[Any, Route] = {k: Route(k, a) for k, a in (older or {}).items() if k != step}
-        table[step] = table["current"] = Route(step, adapter)
+        table: dict[Any, Route] = {k: Route(name, k, a) for k, a in (older or {}).items() if k != step}
+        table[step] = table["current"] = Route(name, step, adapter)
 
         def flip() -> None:
             self._routes = {**self._routes, name: table}
@@ -206,13 +207,13 @@ class Gateway:
         except concurrent.futures.TimeoutError:
             raise GatewayError("the gateway's event loop did not answer within 10 s") from None
 
-    def take_counters(self) -> dict[int, Counter[str]]:
-        """Counters per policy version since the last call (taken on the gateway's loop, so none is lost)."""
+    def take_counters(self, model: str) -> dict[int, Counter[str]]:
+        """`model`'s counters per policy version since the last call (taken on the gateway's loop, so none is
+        lost; other models' stay)."""
 
         def take() -> dict[int, Counter[str]]:
-            out = dict(self.counters)
-            self.counters.clear()
-            return out
+            mine = [key for key in self.counters if key[0] == model]
+            return {key[1]: self.counters.pop(key) for key in mine}
 
         return self._call(take)
 
@@ -439,7 +440,7 @@ class Gateway:
             log.warning("gateway: prefix warm-up failed (%s); the request goes on without it", e)
             return
         usage = data.get("usage") or {}
-        c = self.counters[route.version]
+        c = self.counters[route.model, route.version]
         c["warmup_requests"] += 1
         c["warmup_prompt_tokens"] += usage.get("prompt_tokens") or 0
         c["warmup_cached_tokens"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
@@ -494,7 +495,7 @@ class Gateway:
                 exact_choice(choice, engine_prompt)
             if rescore:
                 await asyncio.gather(*(self._rescore(choice, route) for choice in choices))
-                self.counters[route.version]["rescored_requests"] += 1
+                self.counters[route.model, route.version]["rescored_requests"] += 1
             if prompt is not None and self.replies is not None:
                 for choice in choices:
                     self.replies.record(prompt, choice.get("message") or {}, choice["token_ids"])
@@ -601,7 +602,7 @@ class Gateway:
                 reply.add({}, [choice["matched_stop"]])  # the stop token: sampled, but streamed with no entry
 
     def _count(self, route: Route, usage: dict) -> None:
-        c = self.counters[route.version]
+        c = self.counters[route.model, route.version]
         c["requests"] += 1
         c["prompt_tokens"] += usage.get("prompt_tokens") or 0
         c["completion_tokens"] += usage.get("completion_tokens") or 0

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 from .. import paths
@@ -67,18 +68,15 @@ class LoraSync(WeightSync):
         name = self._new_name(step)
         metrics: dict[str, float] = {}
         if (checkpoint / "adapter_model.safetensors").exists():
-            await ctx.client.load_lora_adapter(name, str(checkpoint))
+            await self._load(name, ctx.client.load_lora_adapter(name, str(checkpoint)))
         else:  # a new step: the trainer holds it, its checkpoint comes after
             adapter = await ctx.trainer.adapter_payload()
             metrics = {"adapter_export_seconds": adapter["seconds"], "adapter_bytes": float(len(adapter["tensors"]))}
-            await ctx.client.load_lora_adapter_from_tensors(name, adapter["config"], adapter["tensors"])
+            await self._load(
+                name, ctx.client.load_lora_adapter_from_tensors(name, adapter["config"], adapter["tensors"])
+            )
         loaded = time.monotonic()
-        try:
-            await ctx.client.update_weight_version(str(step))
-        except BaseException:
-            with contextlib.suppress(ArtSGLangError):  # best effort: the server may be gone
-                await ctx.client.unload_lora_adapter(name)
-            raise
+        await self._load(name, ctx.client.update_weight_version(str(step)))
         async with self._lock:
             restarted = self._server_pid != ctx.server.pid
             if restarted:  # what was loaded died with the old server process
@@ -93,8 +91,7 @@ class LoraSync(WeightSync):
         flipped = time.monotonic()
         if replaced is not None:
             self._unload_later(replaced)
-        for old in list(self.loaded):
-            self._released(old)
+        await self.prune(set())  # what the new step made unneeded
         if restarted:  # leased steps, and the one before, come back from their checkpoints
             wanted = ctx.leases.held() | ({self.previous} if self.previous is not None else set())
             for old in sorted(wanted - {step}):
@@ -141,15 +138,20 @@ class LoraSync(WeightSync):
                     "raise max_loras_per_batch."
                 )
             name = self._new_name(step)
-            try:
-                await ctx.client.load_lora_adapter(name, str(checkpoint))
-            except BaseException:  # cut off (or failed) mid-load: the server may hold it anyway
-                with contextlib.suppress(ArtSGLangError):
-                    await ctx.client.unload_lora_adapter(name)
-                raise
+            await self._load(name, ctx.client.load_lora_adapter(name, str(checkpoint)))
             self.loaded[step] = name
             self._route()
         log.info("loaded step %d of %s from %s for a lease", step, ctx.name, checkpoint)
+
+    async def _load(self, name: str, call: Awaitable[object]) -> None:
+        """Await a call that loads adapter `name` (or finishes its load); if it fails or is cut off, unload `name`:
+        the server may hold it anyway."""
+        try:
+            await call
+        except BaseException:
+            with contextlib.suppress(ArtSGLangError):  # best effort: the server may be gone
+                await self.ctx.client.unload_lora_adapter(name)
+            raise
 
     async def _adapters_on_server(self) -> int:
         return len(await self.ctx.client.models()) - 1  # every model's adapters count

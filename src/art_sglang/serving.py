@@ -1,0 +1,100 @@
+"""Serving: one SGLang server with its client, gateway and crash watch, and the models served by it.
+
+Models on the same base model with the same server settings and the `lora` sync share one server: one copy of the
+base weights, each model's adapters side by side under its own names (`<name>-step<k>-<hex>`), each routed by the
+gateway as `name` and `name@step`. After the server is restarted (a crash, or a failed step's recovery), every
+model on it is published again before its requests flow: until then they wait at the closed gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from .gateway import Gateway
+from .server import SGLangClient, SGLangServer
+from .step import ModelRun, republish_current
+
+log = logging.getLogger("art_sglang")
+
+
+@dataclass
+class Serving:
+    key: dict[str, Any]  # what a model must match to share this server (backend._serving_key)
+    server: SGLangServer
+    client: SGLangClient
+    gateway: Gateway
+    runs: dict[str, ModelRun] = field(default_factory=dict)
+    restarts: int = 0  # of the server, after crashes
+    _restart_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _restarted: asyncio.Event = field(default_factory=asyncio.Event)  # models may serve from a dead process
+    _watcher: asyncio.Task[None] | None = None
+
+    async def restart_if_down(self) -> None:
+        """Start the server again if it is down (once, whoever asks first); every model on it is then republished
+        by the watch."""
+        async with self._restart_lock:
+            if self.server.crash_reason() is None:
+                return
+            self._restarted.set()  # before the restart: the watch of the old process ends when it begins
+            await self.server.restart()
+            self.restarts += 1
+
+    def watch(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        async def on_crash(pid: int, reason: str) -> None:
+            log.error("art-sglang: the SGLang server crashed (%s); restarting it", reason)
+            self._restarted.set()
+
+        while True:  # until close() cancels it; a restart ends one watch, the next one starts
+            await self.server.watch(on_crash)
+            if self._restarted.is_set():
+                await self._republish_stale()
+            await asyncio.sleep(0.5)
+
+    async def _republish_stale(self) -> None:
+        """Publish again, each at its current step, the models whose policy was on a server process that died;
+        again if the server went down once more meanwhile."""
+
+        def stale(run: ModelRun) -> bool:
+            return run.published_pid != self.server.pid or self.server.crash_reason() is not None
+
+        failed = False
+        while self._restarted.is_set() and not failed:
+            self._restarted.clear()
+            if not any(stale(run) for run in self.runs.values()):
+                return
+            # With several models, all requests wait until every one is back: the new server knows none of the
+            # adapters their routes name. (One model: republish_current holds them while it restarts and publishes.)
+            async with self.gateway.closed() if len(self.runs) > 1 else contextlib.nullcontext():
+                # Models between steps first; a step under way publishes its own new step (or recovers) before
+                # its lock is free, and then needs nothing more.
+                for run in sorted(self.runs.values(), key=lambda r: r.lock.locked()):
+                    async with run.lock:
+                        if not stale(run):
+                            continue
+                        log.warning("art-sglang: publishing step %d of %s again", run.step, run.model.name)
+                        try:
+                            await republish_current(run)
+                        except Exception as e:  # no retry here: its next train() finds the server down, recovers
+                            log.error("art-sglang: %s could not be published again: %s", run.model.name, e)
+                            failed = True
+
+    async def close(self) -> None:
+        """Stop the watch, let the models' adapter unloads finish, then stop the gateway and the server."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watcher
+        for run in self.runs.values():
+            with contextlib.suppress(Exception):
+                await run.sync.close()
+        self.gateway.stop()
+        await self.client.aclose()
+        await asyncio.to_thread(self.server.stop)
