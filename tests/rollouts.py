@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import art
 
 from art_sglang import SGLangBackend, SGLangConfig, TrainerConfig
@@ -46,3 +49,10 @@ async def served_gap(backend, model, questions: int = 4) -> tuple[float, float]:
         for engine, ours in zip([lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m], lps, strict=True)
     ]
     return sum(gaps) / len(gaps), max(gaps)
+
+
+async def wait_until(predicate, timeout: float = 120.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)

@@ -17,7 +17,7 @@ from collections import Counter
 import art
 import openai
 import pytest
-from rollouts import BASE, gather, make_backend, rollout
+from rollouts import BASE, gather, make_backend, rollout, wait_until
 
 from art_sglang import TrainerCrashedError, paths
 from art_sglang.errors import ArtSGLangError
@@ -25,13 +25,6 @@ from art_sglang.tasks import ONE_WORD_QUESTIONS
 
 # 16 prompts x 4 samples: GRPO-shaped load. ignore_eos keeps each request running for its whole length.
 LOAD_PROMPTS = [f"{q} (variant {i})" for i in range(2) for q in ONE_WORD_QUESTIONS]
-
-
-async def wait_until(predicate, timeout: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def in_flight(run) -> int:

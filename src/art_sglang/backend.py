@@ -484,7 +484,7 @@ class SGLangBackend:
             )
         else:
             log.info("art-sglang: %s shares the server of %s", model.name, ", ".join(shared.runs))
-        serving, server = shared, None
+        serving, server, run, merged_root = shared, None, None, None
         try:
             if shared is not None:  # the server runs: only this model's trainer starts
                 await trainer.start()
@@ -555,18 +555,26 @@ class SGLangBackend:
                 leases=leases,
                 trainer_config=tc,
             )
-            await publish(run, step)
-            if timeshare is None:  # (shared mode: the trainer is in CPU memory now)
-                gap = await check_served_policy(ctx, template)
-                log.info("art-sglang: the server serves the trainer's policy (mean logprob gap %.1e)", gap)
+            serving.runs[model.name] = run  # from now on a server restart publishes it again
+            async with run.publishing:
+                await publish(run, step)
+                if timeshare is None:  # (shared mode: the trainer is in CPU memory now)
+                    gap = await check_served_policy(ctx, template)
+                    log.info("art-sglang: the server serves the trainer's policy (mean logprob gap %.1e)", gap)
         except BaseException:
             await trainer.shutdown()
             if shared is None and serving is not None:
                 await serving.close()
             elif shared is None and server is not None:
                 await asyncio.to_thread(server.stop)
+            elif run is not None:  # the other models keep the server; this one leaves nothing on it
+                shared.runs.pop(model.name, None)
+                shared.gateway.remove_route(model.name)
+                with contextlib.suppress(Exception):
+                    await run.sync.retire()
+            if merged_root is not None:
+                shutil.rmtree(merged_root, ignore_errors=True)
             raise
-        serving.runs[model.name] = run
         self._serving = serving
         self.placement = p
         serving.watch()
@@ -611,11 +619,12 @@ def _check_can_share(serving: Serving, key: dict[str, Any], name: str) -> None:
     """A second model shares the running server, or gets an error that says why it cannot."""
     first = next(iter(serving.runs))
     mine = serving.key
-    if mine["SGLangConfig"]["weight_sync_method"] != "lora" or mine["mode"] not in ("cpu", "split"):
+    methods = sorted({run.sync.method for run in serving.runs.values()})  # as run: `lora` may have fallen back
+    if methods != ["lora"] or mine["mode"] not in ("cpu", "split"):
         raise ArtSGLangError(
-            f"{name!r} cannot share the SGLang server of {first!r}: several models on one server need "
-            f"weight_sync_method='lora' (each model's adapters side by side) in cpu or split mode; this server uses "
-            f"{mine['SGLangConfig']['weight_sync_method']!r} in {mine['mode']} mode. Use one SGLangBackend per model."
+            f"{name!r} cannot share the SGLang server of {first!r}: several models on one server need the 'lora' "
+            f"weight sync (each model's adapters side by side) in cpu or split mode; this server runs "
+            f"{', '.join(methods)!s} in {mine['mode']} mode. Use one SGLangBackend per model."
         )
     differ = [k for k in key if key[k] != mine[k] and k != "SGLangConfig"]
     differ += [f"SGLangConfig.{k}" for k, v in key["SGLangConfig"].items() if mine["SGLangConfig"].get(k) != v]

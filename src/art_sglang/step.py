@@ -67,7 +67,10 @@ class ModelRun:
     trainer_config: TrainerConfig  # the backend's, with the model's own settings applied (internal_config.py)
     published_pid: int | None = None  # the server process the model's policy was last published to
     trainer_restarts: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step (or republish) at a time
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time
+    # What the server serves changes only under this: a step from its publish to its end, or a republish (which
+    # may run while a step trains: the server serves `step` until that step's publish).
+    publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def server(self) -> SGLangServer:
@@ -207,8 +210,11 @@ async def _take_step(
 ) -> LocalTrainResult:
     """Train, publish and checkpoint `step` once its inputs are saved and prepared; on any failure, recover."""
     rollout = rollout_metrics(run.gateway.take_counters(run.model.name))
+    if run.server.crash_reason() is not None or run.published_pid != run.server.pid:
+        await republish_current(run)  # an earlier restart or republish failed: the server serves `run.step` first
     stage, server_pid = "train", run.server.pid
     train_metrics: dict[str, float] = {}
+    publishing = contextlib.AsyncExitStack()  # holds run.publishing from the publish to the step's end
     try:
         if not run.trainer.running:  # it crashed in an earlier step: start again from the last checkpoint
             await restart_trainer(run)
@@ -218,10 +224,12 @@ async def _take_step(
                 train_metrics = await train()
                 train_seconds = time.monotonic() - t0
                 stage = "publish"  # the server gets the GPU back first
+            await publishing.enter_async_context(run.publishing)
             sync_metrics = await publish(run, step)
         stage = "checkpoint"  # off the path of the new policy to the server; the step ends when it is durable
         checkpoint = await run.trainer.save_checkpoint(run.checkpoint(step), step)
     except BaseException as e:
+        await publishing.aclose()  # a republish of the last step (this recovery's, or the crash watch's) may go
         republish = stage in ("publish", "checkpoint") or run.server.pid != server_pid
         await recover(run, step, republish=republish)
         if not isinstance(e, Exception):
@@ -234,6 +242,7 @@ async def _take_step(
         )
         raise (TrainerCrashedError if isinstance(e, TrainerCrashedError) else StepFailedError)(message) from e
     run.step = step
+    await publishing.aclose()
     # The newest step always has a checkpoint (a failed step and a resume publish it again); one that was not asked
     # for is marked, and removed once a newer step is durable. A checkpoint asked for is never removed here.
     if not save_checkpoint:
@@ -306,7 +315,7 @@ async def publish(run: ModelRun, step: int) -> dict[str, float]:
 
 async def republish_current(run: ModelRun) -> None:
     """Make the server serve `run.step` again: restart it if it is down (counted), then publish."""
-    async with run.gateway.closed():
+    async with run.publishing, run.gateway.closed():
         await run.serving.restart_if_down()
         await publish(run, run.step)
 

@@ -156,6 +156,14 @@ class Gateway:
 
         self._call(flip)
 
+    def remove_route(self, name: str) -> None:
+        """Stop serving `name` and its steps (a model whose start failed)."""
+
+        def drop() -> None:
+            self._routes = {k: v for k, v in self._routes.items() if k != name}
+
+        self._call(drop)
+
     def known_models(self) -> list[str]:
         names = []
         for name, table in self._routes.items():

@@ -61,6 +61,9 @@ class WeightSync:
     async def prune(self, keep: set[int]) -> None:
         """Unload what no lease, request or `keep` needs (ART's prune_model_adapters)."""
 
+    async def retire(self) -> None:
+        """Take the model's policy off a server that other models keep using (its start failed)."""
+
     async def close(self) -> None:
         """Finish background work (adapter unloads)."""
 

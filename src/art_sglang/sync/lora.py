@@ -53,11 +53,12 @@ class LoraSync(WeightSync):
             if (
                 self._server_pid == ctx.server.pid
                 and self.step is not None
-                and step < self.step
+                and step <= self.step
                 and step in self.loaded
             ):
-                # A failed step rolled back: its predecessor's adapter is still loaded, unchanged. Route to it at
-                # once, so that nothing answers as the failed step while the trainer is being reset.
+                # Published already on this server process (a republish that found nothing to do), or a failed
+                # step rolled back: its predecessor's adapter is still loaded, unchanged. Route to it at once, so
+                # that nothing answers as the failed step while the trainer is being reset.
                 self._roll_back_to(step)
                 rolled_back = True
             else:
@@ -198,6 +199,14 @@ class LoraSync(WeightSync):
         if ctx.config.flush_cache_on_sync and await ctx.gateway.wait_idle(ctx.drain_timeout):
             with contextlib.suppress(ArtSGLangError):  # refused while requests run: harmless
                 await ctx.client.flush_cache()
+
+    async def retire(self) -> None:
+        async with self._lock:
+            adapters, self.loaded = list(self.loaded.values()), {}
+            self.step = self.previous = None
+        for name in adapters:
+            self._unload_later(name)
+        await self.close()
 
     async def close(self) -> None:
         if self._unloads:
