@@ -80,10 +80,12 @@ class Serving:
             # adapters their routes name. (One model: republish_current holds them while it restarts and publishes.)
             async with self.gateway.closed() if len(self.runs) > 1 else contextlib.nullcontext():
                 # Models not publishing first. A sync that exports from the trainer (`disk`, `restart`: one model)
-                # waits for a step under way to end: the trainer may already hold the next step's weights.
+                # waits for a step under way to end: the trainer may already hold the next step's weights; so does
+                # shared mode, whose step stops the server on purpose and holds the GPU.
                 for run in sorted(self.runs.values(), key=lambda r: r.publishing.locked()):
-                    async with run.lock if run.sync.needs_trainer else contextlib.nullcontext():
-                        if not stale(run):
+                    wait_for_step = run.sync.needs_trainer or run.timeshare is not None
+                    async with run.lock if wait_for_step else contextlib.nullcontext():
+                        if not stale(run) or self.runs.get(run.model.name) is not run:  # (a failed start: gone)
                             continue
                         log.warning("art-sglang: publishing step %d of %s again", run.step, run.model.name)
                         try:

@@ -210,14 +210,16 @@ async def _take_step(
 ) -> LocalTrainResult:
     """Train, publish and checkpoint `step` once its inputs are saved and prepared; on any failure, recover."""
     rollout = rollout_metrics(run.gateway.take_counters(run.model.name))
-    if run.server.crash_reason() is not None or run.published_pid != run.server.pid:
-        await republish_current(run)  # an earlier restart or republish failed: the server serves `run.step` first
     stage, server_pid = "train", run.server.pid
     train_metrics: dict[str, float] = {}
     publishing = contextlib.AsyncExitStack()  # holds run.publishing from the publish to the step's end
     try:
         if not run.trainer.running:  # it crashed in an earlier step: start again from the last checkpoint
             await restart_trainer(run)
+        if run.server.crash_reason() is not None or run.published_pid != run.server.pid:
+            stage = "publish"  # an earlier restart or republish failed: the server serves `run.step` again first
+            await republish_current(run)
+            stage, server_pid = "train", run.server.pid
         async with _held_until_published(run):
             async with run.timeshare.trainer_turn() if run.timeshare else contextlib.nullcontext():
                 t0 = time.monotonic()
