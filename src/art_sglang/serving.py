@@ -3,9 +3,9 @@
 Models on the same base model with the same server settings and the `lora` sync share one server: one copy of the
 base weights, each model's adapters side by side under its own names (`<name>-step<k>-<hex>`), each routed by the
 gateway as `name` and `name@step`. After a restart (a crash, or a failed step's recovery) the watch publishes every
-model again at its last step; with several models, requests wait at the closed gate until all are back. A model in
-the middle of a step is republished at once if it is still training (its new step follows on the new server), or
-once its publish and checkpoint end.
+model again at its last step; with several models, requests wait at the closed gate until all are back. A `lora`
+model in the middle of a step is republished at once if it is still training (its new step follows on the new
+server), or once its publish and checkpoint end; `disk`, `restart` and shared mode wait for the whole step.
 """
 
 from __future__ import annotations
