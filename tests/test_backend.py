@@ -31,46 +31,50 @@ async def trained(art_path):
     """A short RL run with `lora` sync; the tests below read what it recorded."""
     model = art.TrainableModel(name="oneword", run_name="oneword", project="tests", base_model=BASE)
     backend = make_backend(art_path)
-    await model.register(backend)
-    record = {"model": model, "backend": backend, "rewards": [], "results": [], "groups": [], "checks": []}
-    record["served_gaps"] = []
-    assert model.get_inference_name() == "oneword@0"
-    questions = ONE_WORD_QUESTIONS[:4]
-    for step in range(STEPS):
-        groups = await gather(model, questions)
-        record["groups"].append(groups)
-        record["rewards"].append(mean_reward(groups))
-        if step == STEPS - 1:  # engine logprobs against the trainer's, before this step changes the policy
+    try:
+        await model.register(backend)
+        record = {"model": model, "backend": backend, "rewards": [], "results": [], "groups": [], "checks": []}
+        record["served_gaps"] = []
+        assert model.get_inference_name() == "oneword@0"
+        questions = ONE_WORD_QUESTIONS[:4]
+        for step in range(STEPS):
+            groups = await gather(model, questions)
+            record["groups"].append(groups)
+            record["rewards"].append(mean_reward(groups))
+            if step == STEPS - 1:  # engine logprobs against the trainer's, before this step changes the policy
+                run = backend.model_run(model)
+                seqs = prepare(groups, run.template).sequences
+                trainer_lps = await run.trainer.logprobs(seqs)
+                diffs = [
+                    abs(a - b)
+                    for s, lps in zip(seqs, trainer_lps, strict=True)
+                    for a, b in zip(
+                        [lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m], lps, strict=True
+                    )
+                ]
+                record["logprob_gap"] = sum(diffs) / len(diffs)
+            # As ART users write it: a checkpoint every third step (1 and 4); the newest step's is kept regardless.
+            result = await backend.train(model, groups, learning_rate=2e-4, save_checkpoint=step % 3 == 0)
+            record["results"].append(result)
+            # The first prefill under the new policy of a prompt cached under the old one.
+            after = await rollout(model, questions[0])
             run = backend.model_run(model)
-            seqs = prepare(groups, run.template).sequences
-            trainer_lps = await run.trainer.logprobs(seqs)
-            diffs = [
-                abs(a - b)
-                for s, lps in zip(seqs, trainer_lps, strict=True)
-                for a, b in zip([lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m], lps, strict=True)
-            ]
-            record["logprob_gap"] = sum(diffs) / len(diffs)
-        # As ART users write it: a checkpoint every third step (1 and 4); the newest step's is kept regardless.
-        result = await backend.train(model, groups, learning_rate=2e-4, save_checkpoint=step % 3 == 0)
-        record["results"].append(result)
-        # The first prefill under the new policy of a prompt cached under the old one.
-        after = await rollout(model, questions[0])
-        run = backend.model_run(model)
-        await run.sync.close()  # wait for the previous adapter's unload
-        record["checks"].append(
-            {
-                "step": result.step,
-                "inference_name": model.get_inference_name(),
-                "weight_version": after.metadata["weight_version"],
-                "cached": after.metrics["cached_tokens"],
-                "warmup_requests": run.gateway.counters[model.name, result.step]["warmup_requests"],
-                "loaded": await run.client.models(),
-                "adapters": dict(run.sync.loaded),
-            }
-        )
-        record["served_gaps"].append(await served_gap(backend, model, questions=2))  # after the cache check
-    yield record
-    await backend.close()
+            await run.sync.close()  # wait for the previous adapter's unload
+            record["checks"].append(
+                {
+                    "step": result.step,
+                    "inference_name": model.get_inference_name(),
+                    "weight_version": after.metadata["weight_version"],
+                    "cached": after.metrics["cached_tokens"],
+                    "warmup_requests": run.gateway.counters[model.name, result.step]["warmup_requests"],
+                    "loaded": await run.client.models(),
+                    "adapters": dict(run.sync.loaded),
+                }
+            )
+            record["served_gaps"].append(await served_gap(backend, model, questions=2))  # after the cache check
+        yield record
+    finally:  # a failed run stops its server and trainer too
+        await backend.close()
 
 
 async def test_rl_run_through_arts_api_learns(trained):
