@@ -43,7 +43,13 @@ async def trained(art_path):
             record["rewards"].append(mean_reward(groups))
             if step == STEPS - 1:  # engine logprobs against the trainer's, before this step changes the policy
                 run = backend.model_run(model)
-                seqs = prepare(groups, run.template).sequences
+                # Every sample a training sequence (distinct rewards on a copy): once the policy has learned, a
+                # group's rewards can all be equal, and such groups are not trained on.
+                probe = [g.model_copy(deep=True) for g in groups]
+                for group in probe:
+                    for i, trajectory in enumerate(group.trajectories):
+                        trajectory.reward = float(i)
+                seqs = prepare(probe, run.template).sequences
                 trainer_lps = await run.trainer.logprobs(seqs)
                 diffs = [
                     abs(a - b)
