@@ -604,14 +604,14 @@ class SGLangBackend:
 
 # -- small helpers --------------------------------------------------------------------------------------------
 def _serving_key(base: Path, cfg: SGLangConfig, parser: str | None, p: Placement, memory_saver: bool) -> dict[str, Any]:
-    """What a model must match to be served by a running server."""
+    """What a model must match to be served by a running server, one entry per setting."""
     return {
         "base model": str(base),
-        "SGLangConfig": vars(cfg),
         "tool-call parser": parser,
         "mode": p.mode,
         "inference device": p.inference_device,
         "memory saver": memory_saver,
+        **{f"SGLangConfig.{k}": v for k, v in vars(cfg).items()},
     }
 
 
@@ -626,21 +626,13 @@ def _check_can_share(serving: Serving, key: dict[str, Any], name: str) -> None:
             f"weight sync (each model's adapters side by side) in cpu or split mode; this server runs "
             f"{', '.join(methods)!s} in {mine['mode']} mode. Use one SGLangBackend per model."
         )
-    differ = [k for k in key if key[k] != mine[k] and k != "SGLangConfig"]
-    differ += [f"SGLangConfig.{k}" for k, v in key["SGLangConfig"].items() if mine["SGLangConfig"].get(k) != v]
-    if differ:
-        details = "; ".join(f"{k}: {_key_value(key, k)!r} (server: {_key_value(mine, k)!r})" for k in differ)
+    if differ := [k for k in key if key[k] != mine.get(k)]:
+        details = "; ".join(f"{k}: {key[k]!r} (server: {mine.get(k)!r})" for k in differ)
         raise ArtSGLangError(
             f"{name!r} cannot share the SGLang server of {first!r}: one server serves one base model with one set "
             f"of server settings, and these differ: {details}. Give both models the same settings, or use one "
             "SGLangBackend per model."
         )
-
-
-def _key_value(key: dict[str, Any], field: str) -> Any:
-    if field.startswith("SGLangConfig."):
-        return key["SGLangConfig"].get(field.removeprefix("SGLangConfig."))
-    return key[field]
 
 
 def _latest_step(model_dir: Path) -> int | None:
