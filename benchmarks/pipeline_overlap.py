@@ -107,7 +107,7 @@ async def run_mode(mode: str, args: argparse.Namespace, root: Path) -> dict:
             if mode == "sync":
                 for questions in plan:
                     groups = await art.gather_trajectory_groups(
-                        [art.trajectory_group(rollout(q) for _ in range(args.group_size)) for q in questions],
+                        [art.trajectory_group([rollout(q) for _ in range(args.group_size)]) for q in questions],
                         pbar_desc=None,
                     )
                     record(await backend.train(model, groups, learning_rate=args.learning_rate), groups)
@@ -148,7 +148,7 @@ async def run_mode(mode: str, args: argparse.Namespace, root: Path) -> dict:
         # The final policy on every question, the same way for each mode (PipelineTrainer leaves groups whose
         # rewards are all equal out of its batches, so batch rewards alone would favour the synchronous loop).
         final = await art.gather_trajectory_groups(
-            [art.trajectory_group(rollout(q) for _ in range(args.group_size)) for q in ONE_WORD_QUESTIONS],
+            [art.trajectory_group([rollout(q) for _ in range(args.group_size)]) for q in ONE_WORD_QUESTIONS],
             pbar_desc=None,
         )
     rewards = [s["reward"] for s in steps]

@@ -40,7 +40,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def one_step_groups(model: art.TrainableModel) -> list[art.TrajectoryGroup]:
     return await art.gather_trajectory_groups(
-        [art.trajectory_group(one_word_rollout(model, ONE_WORD_QUESTIONS[0], max_tokens=6) for _ in range(2))],
+        [art.trajectory_group([one_word_rollout(model, ONE_WORD_QUESTIONS[0], max_tokens=6) for _ in range(2)])],
         pbar_desc=None,
     )
 

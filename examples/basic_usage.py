@@ -41,7 +41,7 @@ async def main() -> None:
     # --- glue: the snippet assumes trajectory groups exist ------------------------------------------------
     await model.register(backend)  # ART's usual entry: starts the server and gives the model its endpoint
     trajectory_groups = await art.gather_trajectory_groups(
-        [art.trajectory_group(rollout(model, q) for _ in range(4)) for q in ONE_WORD_QUESTIONS[:2]]
+        [art.trajectory_group([rollout(model, q) for _ in range(4)]) for q in ONE_WORD_QUESTIONS[:2]]
     )
     # --- the design's snippet -------------------------------------------------------------------------------
     # Everything else works like LocalBackend

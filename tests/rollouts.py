@@ -29,7 +29,7 @@ rollout = one_word_rollout  # the tests' name for one episode of the task
 
 async def gather(model, questions, group_size=4, **kwargs):
     return await art.gather_trajectory_groups(
-        [art.trajectory_group(rollout(model, q, **kwargs) for _ in range(group_size)) for q in questions],
+        [art.trajectory_group([rollout(model, q, **kwargs) for _ in range(group_size)]) for q in questions],
         pbar_desc=None,
     )
 

@@ -28,11 +28,11 @@ from . import paths
 from .chat import ChatTemplate, tool_call_parser_for
 from .config import DeviceConfig, Placement, SGLangConfig, TrainerConfig, gpu_count, place
 from .errors import ArtSGLangError, ConfigError, ModelNotFoundError
-from .gateway import Gateway
+from .gateway import Gateway, Upstreams
 from .internal_config import apply_internal_config
 from .leases import Leases
 from .models import lora_targets, resolve_base_model
-from .server import SGLangClient, SGLangServer
+from .server import ReplicaSet, SGLangClient, SGLangServer
 from .serving import Serving
 from .step import UNREQUESTED, ModelRun, TrainCall, publish, sft_step, train_step, write_atomic
 from .sync import METHODS, GpuTimeShare, SyncContext
@@ -490,17 +490,7 @@ class SGLangBackend:
                 await trainer.start()
                 step = await self._first_checkpoint(trainer, model_dir, step)
             else:
-                server = SGLangServer(
-                    base,
-                    server_cfg,
-                    log_path=paths.server_log(model_dir),
-                    device=p.inference_device,
-                    enable_lora=True,
-                    served_model_name=model.name,
-                    memory_saver=memory_saver,
-                    weight_version=str(step or 0),
-                    tool_call_parser=parser,
-                )
+                server = _new_server(base, server_cfg, p, model_dir, model.name, memory_saver, step or 0, parser)
                 if p.mode == "shared":
                     # One GPU: the trainer loads, then moves to CPU memory, and only then does the server start, so
                     # that it sizes its KV pool from the memory the trainer left.
@@ -513,10 +503,14 @@ class SGLangBackend:
                     if errors := [r for r in results if isinstance(r, BaseException)]:
                         raise errors[0]
                     step = await self._first_checkpoint(trainer, model_dir, step)
+                if isinstance(server, ReplicaSet):
+                    client = server.client
+                else:
+                    client = SGLangClient(server.base_url, api_key=cfg.api_key)
                 serving = Serving(
                     key,
                     server,
-                    SGLangClient(server.base_url, api_key=cfg.api_key),
+                    client,
                     self._gateway(base, cfg, model.name, server),
                 )
                 serving.gateway.start()
@@ -580,9 +574,10 @@ class SGLangBackend:
         serving.watch()
         return run
 
-    def _gateway(self, base: Path, cfg: SGLangConfig, served_model: str, server: SGLangServer) -> Gateway:
+    def _gateway(self, base: Path, cfg: SGLangConfig, served_model: str, server: SGLangServer | ReplicaSet) -> Gateway:
+        upstream = Upstreams(server.urls, server.available) if isinstance(server, ReplicaSet) else server.base_url
         return Gateway(
-            server.base_url,
+            upstream,
             served_model,
             template=ChatTemplate.load(base, cfg.chat_template),
             port=self.gateway_port,
@@ -603,6 +598,42 @@ class SGLangBackend:
 
 
 # -- small helpers --------------------------------------------------------------------------------------------
+def _new_server(
+    base: Path,
+    cfg: SGLangConfig,
+    p: Placement,
+    model_dir: Path,
+    name: str,
+    memory_saver: bool,
+    step: int,
+    parser: str | None,
+) -> SGLangServer | ReplicaSet:
+    """The model's SGLang server, or `cfg.replicas` of them (each with its own port and log)."""
+
+    def server(c: SGLangConfig, log_path: Path) -> SGLangServer:
+        return SGLangServer(
+            base,
+            c,
+            log_path=log_path,
+            device=p.inference_device,
+            enable_lora=True,
+            served_model_name=name,
+            memory_saver=memory_saver,
+            weight_version=str(step),
+            tool_call_parser=parser,
+        )
+
+    if cfg.replicas == 1:
+        return server(cfg, paths.server_log(model_dir))
+    if p.mode != "cpu":
+        raise ConfigError(
+            "replicas",
+            cfg.replicas,
+            f"1 in {p.mode} mode: replicas run on the CPU only so far (one server per GPU is not built yet)",
+        )
+    return ReplicaSet([server(cfg, paths.replica_log(model_dir, i)) for i in range(cfg.replicas)])
+
+
 def _serving_key(base: Path, cfg: SGLangConfig, parser: str | None, p: Placement, memory_saver: bool) -> dict[str, Any]:
     """What a model must match to be served by a running server, one entry per setting."""
     return {

@@ -135,6 +135,7 @@ class SGLangConfig:
     reasoning_parser: str | None = None  # SGLang's --reasoning-parser (e.g. "qwen3"); None: off
     grammar_backend: str | None = None  # structured output; None: llguidance on the CPU, SGLang's default on a GPU
     api_key: str | None = None  # SGLang's --api-key; needed when `host` is not loopback
+    replicas: int = 1  # SGLang servers serving the policy, each a free port (on the CPU so far)
 
     def __post_init__(self) -> None:
         env_timeout = os.environ.get(ENV_SERVER_TIMEOUT)
@@ -164,6 +165,7 @@ class SGLangConfig:
             "data_parallel_size",
             "max_lora_rank",
             "cpu_threads",
+            "replicas",
         ):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
@@ -202,6 +204,15 @@ class SGLangConfig:
             raise ConfigError(
                 "lora_target_modules", modules, "None (the trainer's) or a non-empty list of module names"
             )
+        if self.replicas > 1 and self.weight_sync_method != "lora":
+            raise ConfigError(
+                "replicas",
+                self.replicas,
+                f"1 with weight_sync_method={self.weight_sync_method!r}: replicas take new policies with 'lora' "
+                "only so far (an adapter loaded on every replica before the route flips)",
+            )
+        if self.replicas > 1 and self.port is not None:
+            raise ConfigError("port", self.port, "None with replicas > 1: each replica takes a free port")
         if self.data_parallel_size > 1 and self.weight_sync_method == "disk":
             raise ConfigError(
                 "data_parallel_size",

@@ -129,7 +129,7 @@ async def run(args: argparse.Namespace) -> list[StepRow]:
             questions = rng.sample(ONE_WORD_QUESTIONS, k=min(args.groups_per_step, len(ONE_WORD_QUESTIONS)))
             t_roll = time.monotonic()
             groups = await art.gather_trajectory_groups(
-                [art.trajectory_group(rollout(q) for _ in range(args.group_size)) for q in questions],
+                [art.trajectory_group([rollout(q) for _ in range(args.group_size)]) for q in questions],
                 pbar_desc=f"rollout {start_step + i}",
                 pbar_total_completion_tokens=False,
             )

@@ -23,6 +23,10 @@ def server_log(model_dir: Path) -> Path:
     return model_dir / "logs" / "sglang.log"
 
 
+def replica_log(model_dir: Path, i: int) -> Path:
+    return model_dir / "logs" / f"sglang-{i}.log"
+
+
 def checkpoint_dir(model_dir: Path, step: int) -> Path:
     return model_dir / "checkpoints" / f"{step:04d}"
 

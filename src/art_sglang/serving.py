@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .gateway import Gateway
-from .server import SGLangClient, SGLangServer
+from .server import ReplicaSet, SGLangClient, SGLangServer
 from .step import ModelRun, republish_current
 
 log = logging.getLogger("art_sglang")
@@ -26,7 +26,7 @@ log = logging.getLogger("art_sglang")
 @dataclass
 class Serving:
     key: dict[str, Any]  # what a model must match to share this server (backend._serving_key)
-    server: SGLangServer
+    server: SGLangServer | ReplicaSet
     client: SGLangClient
     gateway: Gateway
     runs: dict[str, ModelRun] = field(default_factory=dict)

@@ -11,6 +11,8 @@ It runs an aiohttp server on its own thread and event loop, so a busy user loop 
   `return_token_ids` does) and `token_id:N` logprob entries. Where the request changed the logits (a grammar,
   penalties), the sampled tokens are scored again without them, so the logprobs are the policy's.
 - the samples of a group share one prefill (warmup.py).
+- with several replicas, a conversation's requests go to the replica it started on (upstreams.py); a request cut off
+  by a replica's crash goes at once to another.
 - while the gate is closed (a sync or a server restart) requests wait; a request cut off by a server crash waits
   for the server and goes again, unless it is the one that crashes it (triage.py). Bounded by `hold_timeout`.
 Counters per model and policy version: requests, prompt, completion and cached tokens. Only `/v1/chat/completions`,
@@ -42,6 +44,7 @@ from ..errors import ArtSGLangError
 from .replies import Prompt, ReplyLog
 from .responses import StreamedChoice, exact_choice, logits_modified, renderable, sanitize, set_logprobs, sse_error
 from .triage import CrashTriage, Ticket
+from .upstreams import Upstreams, affinity_key
 from .warmup import PrefixWarmup, probe_body
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ class Route:
 class Gateway:
     def __init__(
         self,
-        upstream: str,
+        upstream: str | Upstreams,
         served_model: str,
         *,
         template: ChatTemplate | None = None,
@@ -85,7 +88,7 @@ class Gateway:
         max_history_tokens: int = 20_000_000,
         server_log: str | None = None,
     ) -> None:
-        self.upstream = upstream.rstrip("/")
+        self.upstreams = upstream if isinstance(upstream, Upstreams) else Upstreams([upstream])
         self.served_model = served_model
         self.replies = ReplyLog(template, max_history_tokens) if template is not None else None
         self.host = host
@@ -385,6 +388,9 @@ class Gateway:
         rescore = chat and not stream and logits_modified(body)
 
         deadline = time.monotonic() + self.hold_timeout
+        upstreams = self.upstreams
+        affinity = affinity_key(body) if len(upstreams.urls) > 1 else None
+        failed: set[int] = set()  # replicas that went away under this request: it goes to another one
         ticket = Ticket(_digest({k: v for k, v in body.items() if k not in ("model", "stream", "stream_options")}))
         try:
             while True:
@@ -402,20 +408,29 @@ class Gateway:
                 route = self._resolve(requested)
                 if route is None:
                     return _error(404, self._not_served(requested))
+                replica = upstreams.pick(affinity, avoid=failed)
+                if replica is None:  # every replica is restarting
+                    self.held += 1
+                    if not await self._wait_for_upstream(deadline, failed):
+                        return _error(503, f"the policy server was not back within {self.hold_timeout:g} s; try again")
+                    continue
+                url = upstreams.urls[replica]
                 body["model"] = self.served_model
                 if route.adapter is not None:
                     body["lora_path"] = route.adapter
                 else:
                     body.pop("lora_path", None)
                 self.in_flight[route.adapter] += 1
+                upstreams.busy[replica] += 1
                 try:
                     if chat and self.warmup is not None:
-                        key = (route.version, route.adapter, _digest(body.get("input_ids") or body.get("messages")))
-                        await self.warmup.before_send(key, body, functools.partial(self._probe, route=route))
+                        prefix = _digest(body.get("input_ids") or body.get("messages"))
+                        key = (route.version, route.adapter, replica, prefix)
+                        await self.warmup.before_send(key, body, functools.partial(self._probe, url, route=route))
                     self.triage.sent(ticket)
                     if stream:
-                        return await self._stream(request, path, body, route, prompt, ticket)
-                    return await self._once(path, body, route, chat, prompt, rescore)
+                        return await self._stream(request, url, path, body, route, prompt, ticket)
+                    return await self._once(url, path, body, route, chat, prompt, rescore)
                 except (aiohttp.ClientConnectorError, TimeoutError) as e:
                     # The server did not take the request (down, or restarting): wait for it, then send it.
                     log.info("gateway: the policy server is unreachable (%s); holding the request", e)
@@ -428,9 +443,12 @@ class Gateway:
                     return _error(502, str(e))
                 finally:
                     self.in_flight[route.adapter] -= 1
+                    upstreams.busy[replica] -= 1
                     self._wake_idle_waiters()
+                if len(upstreams.urls) > 1:
+                    failed.add(replica)
                 self.held += 1
-                if not await self._wait_for_upstream(deadline):
+                if not await self._wait_for_upstream(deadline, failed):
                     return _error(503, f"the policy server was not back within {self.hold_timeout:g} s; try again")
         finally:
             self.triage.done(ticket)
@@ -439,10 +457,10 @@ class Gateway:
         where = f" ({self.server_log})" if self.server_log else ""
         return f"the policy server crashed while serving this request: {why}. The server log{where} has the cause."
 
-    async def _probe(self, body: dict[str, Any], route: Route) -> None:
+    async def _probe(self, url: str, body: dict[str, Any], route: Route) -> None:
         """The prefix warm-up's one-token request; its usage is counted under `warmup_*`."""
         try:
-            async with self._session.post(f"{self.upstream}/v1/chat/completions", json=body) as r:
+            async with self._session.post(f"{url}/v1/chat/completions", json=body) as r:
                 data = await r.json() if r.status == 200 else {}
         except (TimeoutError, aiohttp.ClientError, ValueError) as e:
             log.warning("gateway: prefix warm-up failed (%s); the request goes on without it", e)
@@ -453,19 +471,25 @@ class Gateway:
         c["warmup_prompt_tokens"] += usage.get("prompt_tokens") or 0
         c["warmup_cached_tokens"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
 
-    async def _wait_for_upstream(self, deadline: float) -> bool:
-        """Wait until the gate is open and SGLang answers /health (a restart is being handled elsewhere)."""
+    async def _wait_for_upstream(self, deadline: float, failed: set[int]) -> bool:
+        """Wait until the gate is open and a server answers /health (a restart is being handled elsewhere): one
+        that did not fail this request, or any once none is left."""
         while time.monotonic() < deadline:
             if self._gate.is_set():
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    async with self._session.get(f"{self.upstream}/health", timeout=aiohttp.ClientTimeout(5)) as r:
-                        if r.status == 200:
-                            return True
+                choices = [i for i in self.upstreams.available() if i not in failed]
+                if not choices:
+                    failed.clear()  # the replicas that failed it may be back
+                for i in choices:
+                    url = self.upstreams.urls[i]
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                        async with self._session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(5)) as r:
+                            if r.status == 200:
+                                return True
             await asyncio.sleep(0.25)
         return False
 
     async def _once(
-        self, path: str, body: dict, route: Route, chat: bool, prompt: Prompt | None, rescore: bool
+        self, url: str, path: str, body: dict, route: Route, chat: bool, prompt: Prompt | None, rescore: bool
     ) -> web.Response:
         """One non-streamed request. n > 1 is sent as n requests of one sample each, on one route, after one
         prefill of the prompt: SGLang 0.5.15 leaks its adapter references for n > 1 (an adapter can then never
@@ -473,13 +497,13 @@ class Gateway:
         n = body.get("n") or 1
         one = {k: v for k, v in body.items() if k != "n"}  # the body is sent again after a crash: keep it whole
         if n > 1 and chat and self.warmup is not None:
-            await self._probe(probe_body(one), route)
+            await self._probe(url, probe_body(one), route)
         if n == 1:
-            replies = [await self._post(path, one)]
+            replies = [await self._post(url + path, one)]
         else:
             try:
                 async with asyncio.TaskGroup() as group:
-                    tasks = [group.create_task(self._post(path, one)) for _ in range(n)]
+                    tasks = [group.create_task(self._post(url + path, one)) for _ in range(n)]
             except BaseExceptionGroup as e:  # the first failure decides (a crash cuts them all)
                 raise e.exceptions[0] from None
             replies = [t.result() for t in tasks]
@@ -502,7 +526,7 @@ class Gateway:
                     log.warning("gateway: the engine reports a prompt other than the ids it was sent")
                 exact_choice(choice, engine_prompt)
             if rescore:
-                await asyncio.gather(*(self._rescore(choice, route) for choice in choices))
+                await asyncio.gather(*(self._rescore(url, choice, route) for choice in choices))
                 self.counters[route.model, route.version]["rescored_requests"] += 1
             if prompt is not None and self.replies is not None:
                 for choice in choices:
@@ -515,15 +539,15 @@ class Gateway:
         self._count(route, data.get("usage") or {})
         return web.json_response(data)
 
-    async def _post(self, path: str, body: dict) -> dict | web.Response:
+    async def _post(self, url: str, body: dict) -> dict | web.Response:
         """The upstream's JSON answer, or its error as a response for the client."""
-        async with self._session.post(f"{self.upstream}{path}", json=body) as upstream:
+        async with self._session.post(url, json=body) as upstream:
             raw = await upstream.read()
             if upstream.status != 200:
                 return web.Response(body=raw, status=upstream.status, content_type="application/json")
         return json.loads(raw)
 
-    async def _rescore(self, choice: dict[str, Any], route: Route) -> None:
+    async def _rescore(self, url: str, choice: dict[str, Any], route: Route) -> None:
         """Replace the logprobs of a constrained sample by the policy's own: the sampled ids scored again, with
         no grammar, penalty or bias (the prompt is in the cache, so this costs a prefill of the reply)."""
         prompt, sampled = choice["prompt_token_ids"], choice["token_ids"]
@@ -537,7 +561,7 @@ class Gateway:
         }
         if route.adapter is not None:
             payload["lora_path"] = route.adapter
-        async with self._session.post(f"{self.upstream}/generate", json=payload) as r:
+        async with self._session.post(f"{url}/generate", json=payload) as r:
             if r.status != 200:
                 raise _ScoringError(f"scoring the sampled tokens without the constraint failed: {await r.text()}")
             data = await r.json()
@@ -547,11 +571,18 @@ class Gateway:
         set_logprobs(choice, scored)
 
     async def _stream(
-        self, request: web.Request, path: str, body: dict, route: Route, prompt: Prompt | None, ticket: Ticket
+        self,
+        request: web.Request,
+        url: str,
+        path: str,
+        body: dict,
+        route: Route,
+        prompt: Prompt | None,
+        ticket: Ticket,
     ) -> web.StreamResponse:
         if (body.get("n") or 1) > 1:
             return _error(400, "stream=True with n > 1 is not supported here: send n requests (or stream=False)")
-        async with self._session.post(f"{self.upstream}{path}", json=body) as upstream:
+        async with self._session.post(f"{url}{path}", json=body) as upstream:
             if upstream.status != 200:
                 return web.Response(body=await upstream.read(), status=upstream.status, content_type="application/json")
             headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

@@ -10,14 +10,14 @@ from ..config import SGLangConfig
 from ..errors import LeaseError
 from ..gateway import Gateway
 from ..leases import Leases
-from ..server import SGLangClient, SGLangServer
+from ..server import ReplicaSet, SGLangClient, SGLangServer
 from ..trainer.worker import TrainerGroup
 
 
 @dataclass
 class SyncContext:
     name: str  # the model's name: routes are `name` and `name@step`
-    server: SGLangServer
+    server: SGLangServer | ReplicaSet
     client: SGLangClient
     gateway: Gateway
     trainer: TrainerGroup

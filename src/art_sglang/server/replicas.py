@@ -1,0 +1,245 @@
+"""ReplicaSet: several SGLang servers of one policy, which the rest sees as one server.
+
+The gateway sends each request to one replica (gateway/upstreams.py); what changes the policy goes to every replica
+(`ReplicaClient`), so a version goes live only when every replica has it: the `lora` sync loads the new adapter on
+all, then flips the route. A replica that dies is taken out at once (the gateway sends its cut-off requests to the
+others), restarted in place, given every adapter the others hold and the current version, and only then taken back:
+the syncs never see it go, and the set as a whole never crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CapabilityError, ServerUnreachableError
+from .client import SGLangClient
+from .process import SGLangServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Load:
+    """How an adapter was loaded, to load it again on a replica that restarted."""
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+    tensors: bytes | None = None
+
+
+class ReplicaClient(SGLangClient):
+    """An admitted replica for requests and questions; every admitted replica for what changes the policy
+    (adapters, version, cache)."""
+
+    def __init__(self, replicas: list[SGLangServer]) -> None:
+        key = replicas[0].config.api_key
+        super().__init__(replicas[0].base_url, api_key=key)
+        self.servers = replicas
+        self.replicas = [SGLangClient(s.base_url, api_key=key) for s in replicas]
+        # Replicas that hold the current policy; replaced whole on change (the gateway's thread reads it).
+        self.admitted: frozenset[int] = frozenset(range(len(replicas)))
+        self.adapters: dict[str, _Load] = {}  # loaded on every admitted replica
+        self.version: str | None = None
+        self._lock = asyncio.Lock()  # a change reaches all admitted replicas before the next begins
+
+    async def aclose(self) -> None:
+        for c in self.replicas:
+            await c.aclose()
+        await super().aclose()
+
+    def _first(self) -> SGLangClient:
+        return self.replicas[min(self.admitted or {0})]
+
+    async def _on_all(self, call: Callable[[SGLangClient], Awaitable[Any]]) -> list[Any]:
+        """`call` on every admitted replica. A replica that died meanwhile is left out (it is given the policy when
+        it is back); any other failure is raised once all have answered."""
+        chosen = sorted(self.admitted)
+        results = await asyncio.gather(*(call(self.replicas[i]) for i in chosen), return_exceptions=True)
+        done = []
+        for i, r in zip(chosen, results, strict=True):
+            if not isinstance(r, BaseException):
+                done.append(r)
+            elif self.servers[i].crash_reason() is not None:
+                self.admitted = self.admitted - {i}
+            else:
+                raise r
+        if not done:
+            raise ServerUnreachableError("no SGLang replica is running: every one is restarting")
+        return done
+
+    async def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._first().generate(*args, **kwargs)
+
+    async def model_info(self) -> dict[str, Any]:
+        return await self._first().model_info()
+
+    async def server_info(self) -> dict[str, Any]:
+        return await self._first().server_info()
+
+    async def _capabilities(self) -> dict[str, Any]:
+        return await self._first()._capabilities()
+
+    async def models(self) -> list[str]:
+        return await self._first().models()
+
+    # What changes the policy goes to every replica.
+    async def load_lora_adapter(self, name: str, path: str, *, pinned: bool = False) -> dict[str, Any]:
+        return await self._load(name, _Load(path=path), lambda c: c.load_lora_adapter(name, path, pinned=pinned))
+
+    async def load_lora_adapter_from_tensors(self, name: str, config: dict[str, Any], tensors: bytes) -> dict[str, Any]:
+        load = _Load(config=config, tensors=tensors)
+        return await self._load(name, load, lambda c: c.load_lora_adapter_from_tensors(name, config, tensors))
+
+    async def _load(self, name: str, load: _Load, call: Callable[[SGLangClient], Awaitable[Any]]) -> Any:
+        async with self._lock:
+            self.adapters[name] = load  # first: the caller unloads `name` everywhere if this fails
+            return (await self._on_all(call))[0]
+
+    async def unload_lora_adapter(self, name: str) -> dict[str, Any]:
+        async with self._lock:
+            self.adapters.pop(name, None)  # first: a replica that comes back does not get it
+            return (await self._on_all(lambda c: c.unload_lora_adapter(name)))[0]
+
+    async def update_weight_version(self, version: str) -> None:
+        async with self._lock:
+            self.version = version
+            await self._on_all(lambda c: c.update_weight_version(version))
+
+    async def flush_cache(self) -> None:
+        await self._on_all(lambda c: c.flush_cache())
+
+    async def _unsupported(self, what: str) -> None:
+        raise CapabilityError(
+            f"{what} is not available with SGLangConfig(replicas > 1) yet: replicas take new policies with "
+            "weight_sync_method='lora' only."
+        )
+
+    async def pause_generation(self, mode: Any = "abort") -> None:
+        await self._unsupported("pause_generation")
+
+    async def update_weights_from_disk(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        await self._unsupported("update_weights_from_disk")
+        return {}
+
+    async def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        await self._unsupported("release_memory_occupation")
+
+    # A replica that restarted.
+    async def readmit(self, i: int) -> None:
+        """Give replica `i` (just started) every adapter and the version the others hold, then count it in."""
+        async with self._lock:
+            c = self.replicas[i]
+            for name, load in self.adapters.items():
+                if load.path is not None:
+                    await c.load_lora_adapter(name, load.path)
+                else:
+                    assert load.config is not None and load.tensors is not None
+                    await c.load_lora_adapter_from_tensors(name, load.config, load.tensors)
+            if self.version is not None:
+                await c.update_weight_version(self.version)
+            self.admitted = self.admitted | {i}
+
+
+class ReplicaSet:
+    """N SGLang servers of one policy, with SGLangServer's life cycle; `watch` restarts a replica that dies."""
+
+    def __init__(self, replicas: list[SGLangServer]) -> None:
+        if len(replicas) < 2:
+            raise ValueError("a ReplicaSet needs at least two servers")
+        self.replicas = replicas
+        first = replicas[0]
+        self.config = first.config
+        self.model_path = first.model_path
+        self.base_model_path = first.base_model_path
+        self.log_path = first.log_path  # the first replica's; each has its own
+        self.client: ReplicaClient | None = None
+        self.restarts = 0  # of replicas
+        self._pid: int | None = None
+        self._lock = asyncio.Lock()  # one replica restart at a time
+
+    @property
+    def sglang_version(self) -> str:
+        return self.replicas[0].sglang_version
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.base_url for s in self.replicas]
+
+    @property
+    def pid(self) -> int | None:
+        """Stands for what the replicas hold, which lives as long as the set: a restarted replica is given it."""
+        return self._pid
+
+    @property
+    def running(self) -> bool:
+        return self._pid is not None
+
+    def available(self) -> frozenset[int]:
+        """The replicas requests may go to (for the gateway)."""
+        return self.client.admitted if self.client is not None else frozenset()
+
+    async def start(self) -> None:
+        try:
+            await asyncio.gather(*(s.start() for s in self.replicas))
+        except BaseException:
+            self.stop()
+            raise
+        self.client = ReplicaClient(self.replicas)
+        self._pid = self.replicas[0].pid
+
+    def stop(self) -> None:
+        self._pid = None
+        for s in self.replicas:
+            s.stop()
+
+    def crash_reason(self) -> str | None:
+        """None while the set runs: a replica that dies is restarted by `watch`, the others serve meanwhile."""
+        return None if self._pid is not None else "the replicas are not running"
+
+    async def restart(self, model_path: str | Path | None = None, weight_version: str | None = None) -> None:
+        """Start again every replica that is down."""
+        if model_path is not None:
+            raise CapabilityError("replicas cannot restart on new weights: use weight_sync_method='lora'")
+        for i, s in enumerate(self.replicas):
+            if s.crash_reason() is not None:
+                await self._restart_replica(i)
+
+    async def _restart_replica(self, i: int) -> None:
+        server, client = self.replicas[i], self.client
+        assert client is not None, "start() first"
+        async with self._lock:
+            reason = server.crash_reason()
+            if reason is None or self._pid is None:
+                return
+            client.admitted = client.admitted - {i}  # first: no new request goes there
+            log.error("art-sglang: replica %d (%s) is down (%s); restarting it", i, server.base_url, reason)
+            await server.restart()
+            try:
+                await client.readmit(i)
+            except BaseException:
+                server.stop()  # down again: the watch tries once more
+                raise
+            self.restarts += 1
+            log.warning("art-sglang: replica %d is back, on weight version %s", i, client.version)
+
+    async def watch(self, on_crash: Callable[[int, str], Awaitable[None]], interval: float = 0.5) -> None:
+        """Restart replicas that die, until the set is stopped (`on_crash` is never called: the set stays up)."""
+        while self._pid is not None:
+            await asyncio.sleep(interval)
+            for i, s in enumerate(self.replicas):
+                if s.crash_reason() is None or self._pid is None:
+                    continue
+                if self.client is not None and i in self.client.admitted:  # at once, before the restart begins
+                    self.client.admitted = self.client.admitted - {i}
+                try:
+                    await self._restart_replica(i)
+                except Exception as e:  # tried again at the next look; the others serve meanwhile
+                    log.error("art-sglang: replica %d could not be restarted: %s", i, e)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return self.replicas[0].log_tail(lines)
