@@ -132,7 +132,7 @@ async def soak(args: argparse.Namespace) -> dict:
                 art.gather_trajectory_groups(
                     [
                         art.trajectory_group(
-                            one_word_rollout(model, q, max_tokens=args.max_tokens) for _ in range(args.group_size)
+                            [one_word_rollout(model, q, max_tokens=args.max_tokens) for _ in range(args.group_size)]
                         )
                         for q in questions
                     ],
