@@ -13,12 +13,17 @@ from rollouts import BASE, gather, wait_until
 
 from art_sglang import SGLangBackend, SGLangConfig, TrainerConfig
 from art_sglang.errors import ConfigError
+from art_sglang.gateway.upstreams import affinity_key
 from art_sglang.procs import alive, process_group_members
 from art_sglang.server import ReplicaSet
-from art_sglang.tasks import ONE_WORD_QUESTIONS
+from art_sglang.tasks import ONE_WORD_INSTRUCTION, ONE_WORD_QUESTIONS
 from art_sglang.trainer.data import prepare
 
 QUESTIONS = ONE_WORD_QUESTIONS[:4]
+
+
+def question_message(question: str) -> dict[str, str]:
+    return {"role": "user", "content": question + ONE_WORD_INSTRUCTION}  # as one_word_rollout sends it
 
 
 def mean_reward(groups) -> float:
@@ -80,8 +85,11 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
             # each serves exactly the trainer's policy.
             gaps = await replicas_serve(run, groups)
             assert all(g < 1e-3 for g in gaps), gaps
-        # Both replicas took rollouts, and a group's samples went to one replica, reusing their prompt's prefix.
-        assert min(upstreams.sent) > 0, upstreams.sent
+        # Each question's conversation went to one replica, the questions to both; the samples of a group reused
+        # their prompt's prefix on it.
+        chosen = [upstreams._sticky[affinity_key({"messages": [question_message(q)]})] for q in QUESTIONS]
+        assert sorted(set(chosen)) == [0, 1], chosen
+        assert sum(upstreams.sent) == 2 * 16, upstreams.sent
         assert all(t.metrics["cached_tokens"] > 0 for g in groups for t in g.trajectories[1:])
 
         # SIGKILL one replica while 16 rollouts run: its requests go to the other; nothing fails.
@@ -90,8 +98,11 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
         rollouts = asyncio.create_task(gather(model, QUESTIONS, max_tokens=24, ignore_eos=True))
         await wait_until(lambda: sum(run.gateway.in_flight.values()) >= 8, what="rollouts in flight")
         await asyncio.sleep(1.0)
+        cut_off = upstreams.busy[0]
         os.killpg(old_pid, signal.SIGKILL)
+        await wait_until(lambda: 0 not in run.client.admitted, timeout=5, what="the dead replica taken out")
         groups = await asyncio.wait_for(rollouts, timeout=600)
+        assert cut_off > 0  # the killed replica had requests running: they were sent again
         assert sum(len(g.trajectories) for g in groups) == 16
         assert {t.metadata["weight_version"] for g in groups for t in g.trajectories} == {"2"}
         # It comes back on the current policy before it takes requests again; the server as a whole never went down.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,11 @@ class ReplicaClient(SGLangClient):
         async with self._lock:
             c = self.replicas[i]
             for name, load in self.adapters.items():
-                if load.path is not None:
+                if load.path is not None and not Path(load.path).exists():
+                    # Its checkpoint was removed (an older step's, kept loaded for requests already routed to it):
+                    # this replica answers those with SGLang's "never loaded" error rather than another policy.
+                    log.warning("art-sglang: replica %d cannot load adapter %s again: %s is gone", i, name, load.path)
+                elif load.path is not None:
                     await c.load_lora_adapter(name, load.path)
                 else:
                     assert load.config is not None and load.tensors is not None
@@ -156,11 +161,12 @@ class ReplicaSet:
         self.config = first.config
         self.model_path = first.model_path
         self.base_model_path = first.base_model_path
-        self.log_path = first.log_path  # the first replica's; each has its own
+        self.log_path = first.log_path.with_name("sglang-<i>.log")  # for messages: each replica has its own
         self.client: ReplicaClient | None = None
         self.restarts = 0  # of replicas
         self._pid: int | None = None
-        self._lock = asyncio.Lock()  # one replica restart at a time
+        self._retry_at: dict[int, float] = {}  # replica -> when a failed restart is tried again
+        self._retry_delay: dict[int, float] = {}
 
     @property
     def sglang_version(self) -> str:
@@ -172,7 +178,8 @@ class ReplicaSet:
 
     @property
     def pid(self) -> int | None:
-        """Stands for what the replicas hold, which lives as long as the set: a restarted replica is given it."""
+        """Stands for what the replicas hold, which lives as long as the set (a restarted replica is given it
+        again): the first replica's first pid, a token only, never signalled."""
         return self._pid
 
     @property
@@ -205,41 +212,55 @@ class ReplicaSet:
         """Start again every replica that is down."""
         if model_path is not None:
             raise CapabilityError("replicas cannot restart on new weights: use weight_sync_method='lora'")
-        for i, s in enumerate(self.replicas):
-            if s.crash_reason() is not None:
-                await self._restart_replica(i)
+        for i in range(len(self.replicas)):
+            await self._restart_replica(i)
 
     async def _restart_replica(self, i: int) -> None:
+        """Restart replica `i` if it is down, give it the current policy, then take it back. A failure is logged and
+        tried again after a pause that doubles up to a minute."""
         server, client = self.replicas[i], self.client
         assert client is not None, "start() first"
-        async with self._lock:
-            reason = server.crash_reason()
-            if reason is None or self._pid is None:
-                return
-            client.admitted = client.admitted - {i}  # first: no new request goes there
-            log.error("art-sglang: replica %d (%s) is down (%s); restarting it", i, server.base_url, reason)
-            await server.restart()
-            try:
-                await client.readmit(i)
-            except BaseException:
-                server.stop()  # down again: the watch tries once more
-                raise
-            self.restarts += 1
-            log.warning("art-sglang: replica %d is back, on weight version %s", i, client.version)
+        reason = server.crash_reason()
+        if reason is None or self._pid is None:
+            return
+        client.admitted = client.admitted - {i}  # first: no new request goes there
+        log.error("art-sglang: replica %d (%s) is down (%s); restarting it", i, server.base_url, reason)
+        stopping = asyncio.ensure_future(asyncio.to_thread(server.stop))  # what is left of its process group
+        try:
+            await asyncio.shield(stopping)
+        except asyncio.CancelledError:  # (the set is being stopped) the old tree is gone before this returns
+            await stopping
+            raise
+        try:
+            await server.start()
+            await client.readmit(i)
+        except Exception as e:
+            server.stop()  # down again: the watch tries once more, after a pause
+            delay = self._retry_delay.get(i, 2.0)
+            self._retry_at[i], self._retry_delay[i] = time.monotonic() + delay, min(60.0, 2 * delay)
+            log.error("art-sglang: replica %d could not be restarted (%s); trying again in %.0f s", i, e, delay)
+            return
+        self._retry_delay.pop(i, None)
+        self.restarts += 1
+        log.warning("art-sglang: replica %d is back, on weight version %s", i, client.version)
 
     async def watch(self, on_crash: Callable[[int, str], Awaitable[None]], interval: float = 0.5) -> None:
-        """Restart replicas that die, until the set is stopped (`on_crash` is never called: the set stays up)."""
-        while self._pid is not None:
-            await asyncio.sleep(interval)
-            for i, s in enumerate(self.replicas):
-                if s.crash_reason() is None or self._pid is None:
-                    continue
-                if self.client is not None and i in self.client.admitted:  # at once, before the restart begins
+        """Take a replica that dies out of the choice at once and restart it, each in its own task, until the set
+        is stopped (`on_crash` is never called: the set as a whole stays up)."""
+        restarting: dict[int, asyncio.Task[None]] = {}
+        try:
+            while self._pid is not None and self.client is not None:
+                await asyncio.sleep(interval)
+                for i, s in enumerate(self.replicas):
+                    if s.crash_reason() is None or (i in restarting and not restarting[i].done()):
+                        continue
                     self.client.admitted = self.client.admitted - {i}
-                try:
-                    await self._restart_replica(i)
-                except Exception as e:  # tried again at the next look; the others serve meanwhile
-                    log.error("art-sglang: replica %d could not be restarted: %s", i, e)
+                    if time.monotonic() >= self._retry_at.get(i, 0.0):
+                        restarting[i] = asyncio.create_task(self._restart_replica(i))
+        finally:
+            for task in restarting.values():
+                task.cancel()
+            await asyncio.gather(*restarting.values(), return_exceptions=True)
 
     def log_tail(self, lines: int = 40) -> str:
-        return self.replicas[0].log_tail(lines)
+        return "\n".join(f"--- replica {i}:\n{s.log_tail(lines)}" for i, s in enumerate(self.replicas))
