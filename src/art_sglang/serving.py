@@ -1,4 +1,5 @@
-"""Serving: one SGLang server with its client, gateway and crash watch, and the models served by it.
+"""Serving: one SGLang server (or a ReplicaSet of them) with its client, gateway and crash watch, and the models
+served by it.
 
 Models on the same base model with the same server settings and the `lora` sync share one server: one copy of the
 base weights, each model's adapters side by side under its own names (`<name>-step<k>-<hex>`), each routed by the
