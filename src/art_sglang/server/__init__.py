@@ -1,5 +1,5 @@
-"""The SGLang server process (or replicas of it behind sglang-router), where its Python lives, and a typed client
-for its HTTP API."""
+"""The SGLang server process (or replicas of it, server/replicas.py), where its Python lives, and a typed client for
+its HTTP API."""
 
 from .client import GenerateOutput, SGLangClient
 from .process import SGLangServer

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import CapabilityError, ServerUnreachableError
 from .client import SGLangClient
@@ -114,21 +114,21 @@ class ReplicaClient(SGLangClient):
     async def flush_cache(self) -> None:
         await self._on_all(lambda c: c.flush_cache())
 
-    async def _unsupported(self, what: str) -> None:
+    @staticmethod
+    def _unsupported(what: str) -> NoReturn:
         raise CapabilityError(
             f"{what} is not available with SGLangConfig(replicas > 1) yet: replicas take new policies with "
             "weight_sync_method='lora' only."
         )
 
     async def pause_generation(self, mode: Any = "abort") -> None:
-        await self._unsupported("pause_generation")
+        self._unsupported("pause_generation")
 
     async def update_weights_from_disk(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        await self._unsupported("update_weights_from_disk")
-        return {}
+        self._unsupported("update_weights_from_disk")
 
     async def release_memory_occupation(self, tags: list[str] | None = None) -> None:
-        await self._unsupported("release_memory_occupation")
+        self._unsupported("release_memory_occupation")
 
     # A replica that restarted.
     async def readmit(self, i: int) -> None:
