@@ -68,6 +68,10 @@ def test_invalid_sglang_config_names_field_value_and_allowed(kwargs, field, hint
         ({"training_devices": []}, "training_devices", "non-empty"),
         ({"training_devices": [1, 1]}, "training_devices", "at most once"),
         ({"inference_device": 0, "training_devices": [0, 1]}, "training_devices", "shared mode"),
+        ({"inference_devices": []}, "inference_devices", "non-empty"),
+        ({"inference_devices": [0, 0]}, "inference_devices", "at most once"),
+        ({"inference_devices": [0, 1], "training_devices": [1, 2]}, "training_devices", "[1] are both"),
+        ({"inference_device": 3, "inference_devices": [0, 1]}, "inference_device", "they replace it"),
     ],
 )
 def test_invalid_device_config(kwargs, field, hint):
@@ -117,6 +121,49 @@ def test_explicit_placement():
         place(DeviceConfig(inference_device=0, training_devices=[2, 3], auto_detect=False), 2)
 
 
+def test_replicas_on_gpus_one_server_per_tensor_parallel_group():
+    eight = DeviceConfig(inference_devices=[0, 1, 2, 3], training_devices=[4, 5, 6, 7], auto_detect=False)
+    p = place(eight, 8)
+    assert (p.mode, p.inference_device, p.training_devices) == ("split", 0, [4, 5, 6, 7])
+    assert p.servers == [[0], [1], [2], [3]] and "4 SGLang servers" in p.reason
+    assert place(eight, 8, replicas=4).servers == p.servers  # replicas may repeat the count
+    assert place(eight, 8, tensor_parallel_size=2).servers == [[0, 1], [2, 3]]
+    assert DeviceConfig(inference_devices=[5], training_devices=[6]) == DeviceConfig(5, [6])  # one GPU: the same
+    # Detected: the first replicas * tensor_parallel_size GPUs serve, the rest train.
+    p = place(DeviceConfig(), 8, replicas=2, tensor_parallel_size=2)
+    assert (p.servers, p.training_devices) == ([[0, 1], [2, 3]], [4, 5, 6, 7])
+    assert place(DeviceConfig(), 4).servers == [[0]]
+
+
+@pytest.mark.parametrize(
+    ("devices", "gpus", "kwargs", "field", "hint"),
+    [
+        (
+            DeviceConfig(inference_devices=[0, 1, 2], training_devices=[3], auto_detect=False),
+            4,
+            {"tensor_parallel_size": 2},
+            "tensor_parallel_size",
+            "a divisor of the 3 serving GPUs",
+        ),
+        (
+            DeviceConfig(inference_devices=[0, 1, 2, 3], training_devices=[4], auto_detect=False),
+            5,
+            {"replicas": 3},
+            "replicas",
+            "4 (one server per 1 of the serving GPUs",
+        ),
+        (DeviceConfig(2, [2], auto_detect=False), 4, {"replicas": 2}, "replicas", "1 in shared mode"),
+        (DeviceConfig(2, [3], auto_detect=False), 4, {"replicas": 2}, "replicas", "list 2 GPUs"),
+        (DeviceConfig(), 2, {"replicas": 2}, "replicas", "training needs at least one more"),
+        (DeviceConfig(), 1, {"tensor_parallel_size": 2}, "tensor_parallel_size", "1 visible GPU(s)"),
+    ],
+)
+def test_replica_placements_refused_name_the_setting(devices, gpus, kwargs, field, hint):
+    with pytest.raises(ConfigError) as err:
+        place(devices, gpus, **kwargs)
+    assert err.value.field == field and hint in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field", "hint"),
     [
@@ -137,3 +184,33 @@ def test_invalid_trainer_config(kwargs, field, hint):
         TrainerConfig(**kwargs)
     assert err.value.field == field
     assert hint in str(err.value)
+
+
+def test_servers_started_elsewhere():
+    cfg = SGLangConfig(servers=["http://127.0.0.1:30000/", "http://10.0.0.5:30000"], api_key="k")
+    assert cfg.servers == ["http://127.0.0.1:30000", "http://10.0.0.5:30000"]
+    # The trainer takes every GPU: no server runs here.
+    p = place(DeviceConfig(), 4, serving_elsewhere=True)
+    assert (p.mode, p.inference_device, p.training_devices, p.servers) == ("split", None, [0, 1, 2, 3], [])
+    p = place(DeviceConfig(0, [2, 3], auto_detect=False), 4, serving_elsewhere=True)
+    assert p.training_devices == [2, 3]
+    assert place(DeviceConfig(), 0, serving_elsewhere=True).mode == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "hint"),
+    [
+        ({"servers": "http://127.0.0.1:30000"}, "servers", "a list of URLs"),
+        ({"servers": ["127.0.0.1:30000"]}, "servers", "URLs like 'http://host:30000'"),
+        ({"servers": ["http://127.0.0.1:30000/v1"]}, "servers", "URLs like"),
+        ({"servers": ["http://127.0.0.1:1", "http://127.0.0.1:1/"]}, "servers", "each server once"),
+        ({"servers": ["http://10.0.0.5:30000"]}, "servers", "--api-key"),
+        ({"servers": ["http://127.0.0.1:1"], "replicas": 2}, "replicas", "starts no SGLang server"),
+        ({"servers": ["http://127.0.0.1:1"], "port": 30000}, "port", "starts no SGLang server"),
+        ({"servers": ["http://127.0.0.1:1"], "weight_sync_method": "disk"}, "weight_sync_method", "over HTTP"),
+    ],
+)
+def test_servers_refused_name_the_setting(kwargs, field, hint):
+    with pytest.raises(ConfigError) as err:
+        SGLangConfig(**kwargs)
+    assert err.value.field == field and hint in str(err.value)

@@ -241,6 +241,11 @@ def test_gpu_ids_become_the_placement():
     assert place(out.devices, 3).mode == "split"
     shared = apply(IMC(trainer_gpu_ids=[1], inference_gpu_ids=[1])).devices
     assert place(shared, 2).mode == "shared" and place(shared, 2).inference_device == 1
+    # ART's rule: one server across inference_gpu_ids, tensor_parallel_size of them.
+    tp = apply(IMC(trainer_gpu_ids=[2, 3], inference_gpu_ids=[0, 1], engine_args={"tensor_parallel_size": 2}))
+    assert tp.devices.serving_devices == [0, 1] and tp.sglang.tensor_parallel_size == 2
+    p = place(tp.devices, 4, tensor_parallel_size=2)
+    assert (p.mode, p.servers, p.training_devices) == ("split", [[0, 1]], [2, 3])
 
 
 def test_gpu_ids_matching_the_backends_devices_are_accepted():
@@ -253,9 +258,9 @@ def test_gpu_ids_matching_the_backends_devices_are_accepted():
     [
         (IMC(trainer_gpu_ids=[1]), "trainer_gpu_ids", "inference_gpu_ids"),
         (IMC(inference_gpu_ids=[0]), "inference_gpu_ids", "trainer_gpu_ids"),
-        (IMC(trainer_gpu_ids=[2], inference_gpu_ids=[0, 1]), "inference_gpu_ids", "one SGLang server"),
-        (IMC(trainer_gpu_ids=[1], inference_gpu_ids=[]), "inference_gpu_ids", "exactly one"),
-        (IMC(trainer_gpu_ids=[0, 1], inference_gpu_ids=[0]), "trainer_gpu_ids", "may not also be"),
+        (IMC(trainer_gpu_ids=[2], inference_gpu_ids=[0, 1]), "inference_gpu_ids", "one server across them"),
+        (IMC(trainer_gpu_ids=[1], inference_gpu_ids=[]), "inference_gpu_ids", "non-empty"),
+        (IMC(trainer_gpu_ids=[0, 1], inference_gpu_ids=[0]), "trainer_gpu_ids", "are both"),
         (IMC(trainer_gpu_ids=[], inference_gpu_ids=[0]), "trainer_gpu_ids", "non-empty"),
         (IMC(trainer_gpu_ids=[1], inference_gpu_ids=[-1]), "inference_gpu_ids", ">= 0"),
         (

@@ -6,16 +6,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import art
 import pytest
 from rollouts import BASE, gather, wait_until
 
-from art_sglang import SGLangBackend, SGLangConfig, TrainerConfig
+import art_sglang.backend as backend_module
+from art_sglang import DeviceConfig, SGLangBackend, SGLangConfig, TrainerConfig
 from art_sglang.errors import ConfigError
 from art_sglang.gateway.upstreams import affinity_key
-from art_sglang.procs import alive, process_group_members
-from art_sglang.server import ReplicaSet
+from art_sglang.procs import alive, free_port, process_group_members
+from art_sglang.server import ReplicaSet, SGLangClient
+from art_sglang.server.external import check_server_args
 from art_sglang.tasks import ONE_WORD_INSTRUCTION, ONE_WORD_QUESTIONS
 from art_sglang.trainer.data import prepare
 
@@ -131,5 +136,114 @@ def test_replicas_refuse_what_they_cannot_do_yet():
         SGLangConfig(replicas=2, weight_sync_method="disk")
     with pytest.raises(ConfigError, match="integer >= 1"):
         SGLangConfig(replicas=0)
-    with pytest.raises(ConfigError, match="each replica takes a free port"):
+    with pytest.raises(ConfigError, match="each takes a free port"):
         SGLangConfig(replicas=2, port=30000)
+
+
+async def test_replicas_on_gpus_are_laid_out_by_device_config(tmp_path, monkeypatch):
+    """On an 8-GPU machine (the GPU count is faked: this machine has none, and nothing is started): one server per
+    tensor_parallel_size of inference_devices, each its own GPUs, log and port; what they cannot do is refused at
+    register, before anything starts."""
+    monkeypatch.setattr(backend_module, "gpu_count", lambda: 8)
+    devices = DeviceConfig(inference_devices=[0, 1, 2, 3], training_devices=[4, 5, 6, 7], auto_detect=False)
+    backend = SGLangBackend(path=tmp_path, device_config=devices, sglang_config=SGLangConfig(tensor_parallel_size=2))
+    p = backend.placement
+    assert (p.mode, p.servers, p.training_devices) == ("split", [[0, 1], [2, 3]], [4, 5, 6, 7])
+    replicas = backend_module._new_server(BASE, backend.sglang_config, p.servers, tmp_path, "m", False, 0, None)
+    assert isinstance(replicas, ReplicaSet)
+    for i, server in enumerate(replicas.replicas):
+        assert server.environment()["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, p.servers[i]))
+        server.port = 30000 + i
+        command = server.command()
+        assert command[command.index("--tp-size") + 1] == "2" and "--device" not in command
+        assert server.log_path.name == f"sglang-{i}.log"
+
+    model = art.TrainableModel(name="gpus", run_name="gpus", project="tests", base_model=BASE)
+    disk = SGLangBackend(path=tmp_path, device_config=devices, sglang_config=SGLangConfig(weight_sync_method="disk"))
+    with pytest.raises(ConfigError, match="'lora' with 4 SGLang servers") as e:
+        await model.register(disk)
+    assert e.value.field == "weight_sync_method" and not disk._runs
+    await disk.close()
+    await backend.close()
+
+
+def test_what_a_server_elsewhere_lacks_is_named():
+    cfg = SGLangConfig(lora_target_modules=["q_proj", "v_proj"], max_lora_rank=16)
+    assert check_server_args({"enable_lora": False}, cfg) == ["LoRA is off (--enable-lora)"]
+    lacking = {"enable_lora": True, "max_lora_rank": 8, "lora_target_modules": ["q_proj"]}
+    problems = check_server_args(lacking, cfg)
+    assert "--max-lora-rank is 8, the adapters need 16" in problems[0] and "lacks ['v_proj']" in problems[1]
+    assert check_server_args({"enable_lora": True, "max_lora_rank": 16, "lora_target_modules": ["all"]}, cfg) == []
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+async def test_a_server_started_elsewhere_is_attached_by_url(tmp_path, model_path):
+    """`art-sglang serve` starts a server as another host would; the backend attaches it by URL (with an API key),
+    trains through it, rides out an outage (the server's processes stopped: a hung or cut-off host), and leaves it
+    running, without its adapters, when it closes."""
+    port, key = free_port(), "elsewhere-key"
+    command = [sys.executable, "-m", "art_sglang.cli", "serve", "--model", str(model_path), "--port", str(port)]
+    command += ["--api-key", key, "--dtype", "float32", "--max-total-tokens", "16384", "--timeout", "240"]
+    command += ["--log", str(tmp_path / "elsewhere.log")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    serve = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    backend = SGLangBackend(
+        path=tmp_path,
+        sglang_config=SGLangConfig(servers=[url], api_key=key, server_timeout=240),
+        trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
+    )
+    model = art.TrainableModel(name="elsewhere", run_name="elsewhere", project="tests", base_model=BASE)
+    try:
+        await model.register(backend)  # waits for the server to answer, then checks it
+        run = backend.model_run(model)
+        assert isinstance(run.server, ReplicaSet) and run.server.urls == [url] and run.client.by_tensors
+        assert run.gateway.served_model == model_path.name  # the name it serves under, as it reports it
+        (server_group,) = children(serve.pid)  # SGLang, in its own process group under `serve`
+        groups = await gather(model, QUESTIONS)
+        result = await backend.train(model, groups, learning_rate=2e-4)
+        assert result.step == 1
+        gaps = await replicas_serve(run, groups)  # the step's adapter went over HTTP, as tensors
+        assert all(g < 1e-3 for g in gaps), gaps
+
+        # An outage: it stops answering. It is taken out; requests wait; once it answers it is checked, given what it
+        # lacks and taken back, and the requests complete on the current policy.
+        os.killpg(server_group, signal.SIGSTOP)
+        try:
+            await wait_until(lambda: 0 not in run.client.admitted, timeout=30, what="the silent server taken out")
+            rollouts = asyncio.create_task(gather(model, QUESTIONS[:2], group_size=2))
+            await asyncio.sleep(2.0)
+            assert not rollouts.done()
+        finally:
+            os.killpg(server_group, signal.SIGCONT)
+        await wait_until(lambda: 0 in run.client.admitted, timeout=300, what="the server taken back")
+        groups = await asyncio.wait_for(rollouts, timeout=300)
+        assert {t.metadata["weight_version"] for g in groups for t in g.trajectories} == {"1"}
+        assert run.restarts == 0 and run.gateway.held > 0
+        gaps = await replicas_serve(run, groups)
+        assert all(g < 1e-3 for g in gaps), gaps
+    finally:
+        await backend.close()
+        try:
+            # Closing the backend leaves the server running, without this backend's adapters.
+            async with SGLangClient(url, api_key=key) as client:
+                assert await client.health()
+                assert [m for m in await client.models() if m.startswith("elsewhere-step")] == []
+        finally:
+            serve.send_signal(signal.SIGTERM)  # `serve` stops its server's process group, then exits
+            assert serve.wait(timeout=120) == 0
+            assert "serving at" in serve.stdout.read()
+    assert not process_group_members(server_group) and not process_group_members(serve.pid)

@@ -26,13 +26,13 @@ from art.adapter_leases import pin_inference_target, pinned_inference_name, pinn
 
 from . import paths
 from .chat import ChatTemplate, tool_call_parser_for
-from .config import DeviceConfig, Placement, SGLangConfig, TrainerConfig, gpu_count, place
+from .config import DeviceConfig, Placement, SGLangConfig, TrainerConfig, check_servers, gpu_count, place
 from .errors import ArtSGLangError, ConfigError, ModelNotFoundError
 from .gateway import Gateway, Upstreams
 from .internal_config import apply_internal_config
 from .leases import Leases
 from .models import lora_targets, resolve_base_model
-from .server import ReplicaSet, SGLangClient, SGLangServer
+from .server import ExternalServer, ReplicaSet, SGLangClient, SGLangServer
 from .serving import Serving
 from .step import UNREQUESTED, ModelRun, TrainCall, publish, sft_step, train_step, write_atomic
 from .sync import METHODS, GpuTimeShare, SyncContext
@@ -137,7 +137,7 @@ class SGLangBackend:
         self.device_config = device_config
         self.sglang_config = sglang_config or SGLangConfig()
         self.trainer_config = trainer_config or TrainerConfig()
-        self.placement: Placement = place(device_config, gpu_count())
+        self.placement: Placement = _place(device_config, self.sglang_config)
         self._path = str(path)
         self.api_key = api_key
         self.gateway_port = gateway_port
@@ -439,8 +439,8 @@ class SGLangBackend:
         )
         cfg, tc = applied.sglang, applied.trainer
         p = self.placement
-        if applied.devices != self.device_config:  # the model's own GPU ids (ART's trainer/inference_gpu_ids)
-            p = place(applied.devices, gpu_count())
+        if _placed_by(applied.devices, cfg) != _placed_by(self.device_config, self.sglang_config):  # ART's GPU ids
+            p = _place(applied.devices, cfg)
         model_dir = paths.model_dir_of(model, self._path)
         model_dir.mkdir(parents=True, exist_ok=True)
         base = resolve_base_model(model.base_model)
@@ -465,6 +465,7 @@ class SGLangBackend:
         if memory_saver is None:  # needs a GPU (and torch-memory-saver, which sglang[srt] brings)
             memory_saver = p.mode == "shared" and p.inference_device is not None
         key = _serving_key(base, server_cfg, parser, p, memory_saver)
+        gpus = _server_gpus(server_cfg, p)  # refused here, before anything starts
         shared = self._serving
         if shared is not None:
             _check_can_share(shared, key, model.name)
@@ -490,7 +491,7 @@ class SGLangBackend:
                 await trainer.start()
                 step = await self._first_checkpoint(trainer, model_dir, step)
             else:
-                server = _new_server(base, server_cfg, p, model_dir, model.name, memory_saver, step or 0, parser)
+                server = _new_server(base, server_cfg, gpus, model_dir, model.name, memory_saver, step or 0, parser)
                 if p.mode == "shared":
                     # One GPU: the trainer loads, then moves to CPU memory, and only then does the server start, so
                     # that it sizes its KV pool from the memory the trainer left.
@@ -511,7 +512,7 @@ class SGLangBackend:
                     key,
                     server,
                     client,
-                    self._gateway(base, cfg, model.name, server),
+                    self._gateway(base, cfg, server.served_model_name or model.name, server),
                 )
                 serving.gateway.start()
             merged_root = _merged_root(model)
@@ -598,24 +599,39 @@ class SGLangBackend:
 
 
 # -- small helpers --------------------------------------------------------------------------------------------
+def _placed_by(devices: DeviceConfig, cfg: SGLangConfig) -> tuple[Any, ...]:
+    """What the placement depends on."""
+    return devices, cfg.replicas, cfg.tensor_parallel_size, bool(cfg.servers)
+
+
+def _place(devices: DeviceConfig, cfg: SGLangConfig) -> Placement:
+    return place(
+        devices,
+        gpu_count(),
+        replicas=cfg.replicas,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        serving_elsewhere=bool(cfg.servers),
+    )
+
+
 def _new_server(
     base: Path,
     cfg: SGLangConfig,
-    p: Placement,
+    gpus: list[list[int] | None],
     model_dir: Path,
     name: str,
     memory_saver: bool,
     step: int,
     parser: str | None,
 ) -> SGLangServer | ReplicaSet:
-    """The model's SGLang server, or `cfg.replicas` of them (each with its own port and log)."""
+    """The model's SGLang server, or its replicas (each with its own GPUs, port and log)."""
 
-    def server(c: SGLangConfig, log_path: Path) -> SGLangServer:
+    def server(device: list[int] | None, log_path: Path) -> SGLangServer:
         return SGLangServer(
             base,
-            c,
+            cfg,
             log_path=log_path,
-            device=p.inference_device,
+            device=device,
             enable_lora=True,
             served_model_name=name,
             memory_saver=memory_saver,
@@ -623,15 +639,21 @@ def _new_server(
             tool_call_parser=parser,
         )
 
-    if cfg.replicas == 1:
-        return server(cfg, paths.server_log(model_dir))
-    if p.mode != "cpu":
-        raise ConfigError(
-            "replicas",
-            cfg.replicas,
-            f"1 in {p.mode} mode: replicas run on the CPU only so far (one server per GPU is not built yet)",
-        )
-    return ReplicaSet([server(cfg, paths.replica_log(model_dir, i)) for i in range(cfg.replicas)])
+    if cfg.servers:  # started elsewhere: attached, never started or stopped here
+        return ReplicaSet([ExternalServer(u, cfg, log_path=paths.server_log(model_dir)) for u in cfg.servers])
+    if len(gpus) == 1:
+        return server(gpus[0], paths.server_log(model_dir))
+    return ReplicaSet([server(g, paths.replica_log(model_dir, i)) for i, g in enumerate(gpus)])
+
+
+def _server_gpus(cfg: SGLangConfig, p: Placement) -> list[list[int] | None]:
+    """Each SGLang server's GPUs (None: the CPU): one per GPU group, or `cfg.replicas` on the CPU; none started here
+    when the servers run elsewhere."""
+    if cfg.servers:
+        return []
+    gpus: list[list[int] | None] = [None] * cfg.replicas if p.mode == "cpu" else list(p.servers or [None])
+    check_servers(cfg, len(gpus))
+    return gpus
 
 
 def _serving_key(base: Path, cfg: SGLangConfig, parser: str | None, p: Placement, memory_saver: bool) -> dict[str, Any]:
@@ -640,7 +662,7 @@ def _serving_key(base: Path, cfg: SGLangConfig, parser: str | None, p: Placement
         "base model": str(base),
         "tool-call parser": parser,
         "mode": p.mode,
-        "inference device": p.inference_device,
+        "serving GPUs": p.servers,
         "memory saver": memory_saver,
         **{f"SGLangConfig.{k}": v for k, v in vars(cfg).items()},
     }

@@ -1,9 +1,11 @@
-"""`art-sglang`: demo (RL that visibly learns), chat (one request through a managed server), doctor, model."""
+"""`art-sglang`: demo (RL that visibly learns), chat (one request through a managed server), serve (a server for a
+backend on another host), doctor, model."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,6 +70,68 @@ async def _chat(args: argparse.Namespace) -> None:
         server.stop()
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Run an SGLang server with the flags and environment a backend attaching it needs, until SIGINT or SIGTERM."""
+    import signal
+
+    from .chat import ChatTemplate, tool_call_parser_for
+    from .config import ALL_LINEAR
+    from .models import lora_targets, resolve_base_model
+    from .server import SGLangServer
+
+    base = resolve_base_model(args.model)
+    parser = args.tool_call_parser
+    if parser == "auto":
+        parser = tool_call_parser_for(ChatTemplate.load(base, args.chat_template).source)
+    targets = args.lora_target_modules or lora_targets(base, list(ALL_LINEAR))[0]
+    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
+    config = SGLangConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        dtype=args.dtype,
+        max_lora_rank=args.max_lora_rank,
+        max_loras_per_batch=args.max_loras_per_batch,
+        lora_target_modules=targets,
+        tensor_parallel_size=len(gpus) if gpus else 1,
+        max_total_tokens=args.max_total_tokens,
+        chat_template=args.chat_template,
+        server_timeout=args.timeout,
+        server_args=[a for a in args.server_args if a != "--"],
+    )
+    server = SGLangServer(
+        base,
+        config,
+        log_path=args.log,
+        device=gpus,
+        enable_lora=True,
+        served_model_name=args.name or base.name,
+        tool_call_parser=parser,
+    )
+    if args.print:
+        env = server.environment()
+        changed = [f"{k}={v}" for k, v in sorted(env.items()) if os.environ.get(k) != v]
+        print(" ".join([*changed, *server.command()]))
+        return 0
+
+    async def run() -> None:
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopped.set)
+        print(f"[art-sglang] starting SGLang {server.sglang_version} on {base} (log: {args.log}) ...", flush=True)
+        await server.start()
+        try:
+            print(f"[art-sglang] serving at {server.base_url}: SGLangConfig(servers=[{server.base_url!r}])", flush=True)
+            await stopped.wait()
+        finally:
+            server.stop()
+        print("[art-sglang] stopped", flush=True)
+
+    asyncio.run(run())
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     import importlib.metadata as md
 
@@ -110,6 +174,27 @@ def main(argv: list[str] | None = None) -> int:
 
     demo.add_arguments(p)
     p.set_defaults(run=demo.main)
+    p = sub.add_parser(
+        "serve", help="run an SGLang server for a backend elsewhere to attach (SGLangConfig(servers=[url]))"
+    )
+    p.add_argument("--model", required=True, help="the base model: a local directory or a name in the HF cache")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; any but loopback needs --api-key")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--api-key", default=None, help="SGLang's --api-key; the backend's SGLangConfig(api_key=...)")
+    p.add_argument("--gpus", default=None, help="GPU ids, e.g. 0,1 (a TP-2 server); none: the CPU")
+    p.add_argument("--name", default=None, help="the served model name (default: the model directory's)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank it takes")
+    p.add_argument("--max-loras-per-batch", type=int, default=4)
+    p.add_argument("--lora-target-modules", nargs="+", default=None, help="default: every linear layer, as trained")
+    p.add_argument("--max-total-tokens", type=int, default=None)
+    p.add_argument("--tool-call-parser", default="auto", help="'auto': from the chat template")
+    p.add_argument("--chat-template", default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to start")
+    p.add_argument("--log", type=Path, default=Path("sglang-serve.log"))
+    p.add_argument("--print", action="store_true", help="print the server's command and exit")
+    p.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: more sglang.launch_server flags")
+    p.set_defaults(run=_serve)
     p = sub.add_parser("doctor", help="what was found, what would run, and what to fix")
     p.set_defaults(run=_doctor)
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .procs import MAX_PORT
@@ -31,34 +32,60 @@ class DeviceConfig:
     """Which GPUs serve and which train.
 
     With `auto_detect=True` (the default) the device fields are ignored and the placement follows the GPU
-    count: 0 GPUs -> CPU, 1 -> shared mode on GPU 0, 2+ -> split mode (inference on 0, training on 1..N-1).
+    count: 0 GPUs -> CPU, 1 -> shared mode on GPU 0, 2+ -> split mode (inference on 0, training on 1..N-1; with
+    `SGLangConfig(replicas=R, tensor_parallel_size=T)`, inference on the first R*T GPUs).
     With `auto_detect=False` the given devices are used; `training_devices=[inference_device]` means shared
-    mode on that one GPU.
+    mode on that one GPU. `inference_devices=[0, 1, 2, 3]` serves from several GPUs: one SGLang server (a replica
+    of the policy) per `tensor_parallel_size` of them; it replaces `inference_device`.
     """
 
     inference_device: int = 0
     training_devices: list[int] = field(default_factory=lambda: [1])
     auto_detect: bool = True
+    inference_devices: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.inference_device) or self.inference_device < 0:
             raise ConfigError("inference_device", self.inference_device, "a GPU index >= 0")
-        if not isinstance(self.training_devices, list | tuple) or not self.training_devices:
-            raise ConfigError("training_devices", self.training_devices, "a non-empty list of GPU indices")
-        self.training_devices = list(self.training_devices)
-        for d in self.training_devices:
-            if not _is_int(d) or d < 0:
-                raise ConfigError("training_devices", self.training_devices, "GPU indices >= 0 only")
-        if len(set(self.training_devices)) != len(self.training_devices):
-            raise ConfigError("training_devices", self.training_devices, "each GPU index at most once")
-        if self.inference_device in self.training_devices and self.training_devices != [self.inference_device]:
+        self.training_devices = _gpu_list("training_devices", self.training_devices)
+        if self.inference_devices is not None:
+            self.inference_devices = _gpu_list("inference_devices", self.inference_devices)
+            first = self.inference_devices[0]
+            if self.inference_device not in (0, first):
+                raise ConfigError(
+                    "inference_device",
+                    self.inference_device,
+                    f"left out with inference_devices={self.inference_devices} (they replace it)",
+                )
+            self.inference_device = first
+            if len(self.inference_devices) == 1:
+                self.inference_devices = None  # one GPU: the same config as inference_device=first
+        serving = self.inference_devices or [self.inference_device]
+        if self.training_devices == serving and len(serving) == 1:
+            return  # shared mode on that one GPU
+        if both := sorted(set(serving) & set(self.training_devices)):
+            field_name = "inference_devices" if self.inference_devices is not None else "inference_device"
             raise ConfigError(
                 "training_devices",
                 self.training_devices,
-                f"inference_device {self.inference_device} may not also be a training device; use separate "
-                f"GPUs (split mode) or training_devices=[{self.inference_device}] alone to time-share one GPU "
-                "(shared mode)",
+                f"no GPU of {field_name} ({both} are both); use separate GPUs (split mode) or "
+                f"training_devices=[{self.inference_device}] alone with inference_device={self.inference_device} "
+                "to time-share one GPU (shared mode)",
             )
+
+    @property
+    def serving_devices(self) -> list[int]:
+        return list(self.inference_devices or [self.inference_device])
+
+
+def _gpu_list(name: str, value: object) -> list[int]:
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError(name, value, "a non-empty list of GPU indices")
+    if not all(_is_int(d) and d >= 0 for d in value):
+        raise ConfigError(name, value, "GPU indices >= 0 only")
+    if len(set(value)) != len(value):
+        raise ConfigError(name, value, "each GPU index at most once")
+    return list(value)
 
 
 @dataclass(frozen=True)
@@ -66,40 +93,86 @@ class Placement:
     """Where things run, decided once from DeviceConfig and the GPUs found."""
 
     mode: Mode
-    inference_device: int | None  # None on the CPU
+    inference_device: int | None  # the first serving GPU; None on the CPU
     training_devices: list[int]  # empty on the CPU
     reason: str
+    servers: list[list[int]] = field(default_factory=list)  # each SGLang server's GPUs; empty on the CPU
 
 
-def place(devices: DeviceConfig, gpu_count: int) -> Placement:
-    """Decide the mode and devices for `gpu_count` visible GPUs."""
+def place(
+    devices: DeviceConfig,
+    gpu_count: int,
+    *,
+    replicas: int = 1,
+    tensor_parallel_size: int = 1,
+    serving_elsewhere: bool = False,
+) -> Placement:
+    """Decide the mode and devices for `gpu_count` visible GPUs: `replicas` SGLang servers of
+    `tensor_parallel_size` GPUs each (the count follows `inference_devices` when those are given), or none here
+    when the servers run elsewhere (`SGLangConfig.servers`)."""
     if gpu_count == 0:
         why = "no GPU found"
         if not devices.auto_detect:
             why += " (the configured devices are ignored)"
+        if serving_elsewhere:
+            return Placement("cpu", None, [], why + ": the trainer runs on the CPU, the SGLang servers elsewhere")
         return Placement("cpu", None, [], why + ": server and trainer share the CPU, as in split mode")
+    if serving_elsewhere:
+        training = list(range(gpu_count)) if devices.auto_detect else devices.training_devices
+        if missing := sorted(d for d in training if d >= gpu_count):
+            raise ConfigError("training_devices", training, f"GPUs that exist: {missing} do not ({gpu_count} visible)")
+        return Placement("split", None, training, f"SGLang servers elsewhere: training on {training}")
+    tp = tensor_parallel_size
     if devices.auto_detect:
-        if gpu_count == 1:
-            return Placement("shared", 0, [0], "1 GPU found: server and trainer time-share GPU 0")
-        training = list(range(1, gpu_count))
-        return Placement("split", 0, training, f"{gpu_count} GPUs found: server on GPU 0, training on {training}")
-    wanted = [devices.inference_device, *devices.training_devices]
-    missing = sorted({d for d in wanted if d >= gpu_count})
-    if missing:
+        need = replicas * tp
+        if gpu_count == 1 and need == 1:
+            return Placement("shared", 0, [0], "1 GPU found: server and trainer time-share GPU 0", [[0]])
+        if need >= gpu_count:
+            raise ConfigError(
+                "replicas" if replicas > 1 else "tensor_parallel_size",
+                replicas if replicas > 1 else tp,
+                f"at most what {gpu_count} visible GPU(s) hold: {replicas} server(s) of {tp} GPU(s) take {need}, "
+                "and training needs at least one more (time-sharing one GPU runs one server on it)",
+            )
+        serving, training, why = list(range(need)), list(range(need, gpu_count)), f"{gpu_count} GPUs found"
+    else:
+        serving, training, why = devices.serving_devices, devices.training_devices, "configured"
+        missing = sorted({d for d in serving + training if d >= gpu_count})
+        if missing:
+            raise ConfigError(
+                "DeviceConfig",
+                {"inference_devices": serving, "training_devices": training},
+                f"GPU(s) {missing} do not exist: {gpu_count} visible (indices 0..{gpu_count - 1})",
+            )
+        if training == serving:  # one GPU, time-shared
+            d = serving[0]
+            need = replicas * tp
+            if need > 1:
+                raise ConfigError(
+                    "replicas" if replicas > 1 else "tensor_parallel_size",
+                    replicas if replicas > 1 else tp,
+                    f"1 in shared mode (one server time-shares GPU {d} with the trainer; {need} GPUs asked for); "
+                    "list the serving GPUs in DeviceConfig(inference_devices=[...]) apart from training_devices",
+                )
+            return Placement("shared", d, [d], f"configured: server and trainer time-share GPU {d}", [[d]])
+    if len(serving) % tp:
         raise ConfigError(
-            "DeviceConfig",
-            {"inference_device": devices.inference_device, "training_devices": devices.training_devices},
-            f"GPU(s) {missing} do not exist: {gpu_count} visible (indices 0..{gpu_count - 1})",
+            "tensor_parallel_size",
+            tp,
+            f"a divisor of the {len(serving)} serving GPUs {serving}: each SGLang server takes tensor_parallel_size "
+            "of them",
         )
-    if devices.training_devices == [devices.inference_device]:
-        d = devices.inference_device
-        return Placement("shared", d, [d], f"configured: server and trainer time-share GPU {d}")
-    return Placement(
-        "split",
-        devices.inference_device,
-        devices.training_devices,
-        f"configured: server on GPU {devices.inference_device}, training on {devices.training_devices}",
-    )
+    servers = [serving[i : i + tp] for i in range(0, len(serving), tp)]
+    if replicas not in (1, len(servers)):
+        raise ConfigError(
+            "replicas",
+            replicas,
+            f"{len(servers)} (one server per {tp} of the serving GPUs {serving}), or list {replicas * tp} GPUs in "
+            "DeviceConfig(inference_devices=[...])",
+        )
+    on = " and ".join(",".join(map(str, g)) for g in servers)
+    count = f"{len(servers)} SGLang servers" if len(servers) > 1 else "server"
+    return Placement("split", serving[0], training, f"{why}: {count} on GPU {on}, training on {training}", servers)
 
 
 @dataclass
@@ -135,7 +208,8 @@ class SGLangConfig:
     reasoning_parser: str | None = None  # SGLang's --reasoning-parser (e.g. "qwen3"); None: off
     grammar_backend: str | None = None  # structured output; None: llguidance on the CPU, SGLang's default on a GPU
     api_key: str | None = None  # SGLang's --api-key; needed when `host` is not loopback
-    replicas: int = 1  # SGLang servers serving the policy, each a free port (on the CPU so far)
+    replicas: int = 1  # SGLang servers of the policy, each a free port; on GPUs see DeviceConfig.inference_devices
+    servers: list[str] = field(default_factory=list)  # URLs of SGLang servers started elsewhere: none is started here
 
     def __post_init__(self) -> None:
         env_timeout = os.environ.get(ENV_SERVER_TIMEOUT)
@@ -204,15 +278,7 @@ class SGLangConfig:
             raise ConfigError(
                 "lora_target_modules", modules, "None (the trainer's) or a non-empty list of module names"
             )
-        if self.replicas > 1 and self.weight_sync_method != "lora":
-            raise ConfigError(
-                "replicas",
-                self.replicas,
-                f"1 with weight_sync_method={self.weight_sync_method!r}: replicas take new policies with 'lora' "
-                "only so far (an adapter loaded on every replica before the route flips)",
-            )
-        if self.replicas > 1 and self.port is not None:
-            raise ConfigError("port", self.port, "None with replicas > 1: each replica takes a free port")
+        check_servers(self, self.replicas)
         if self.data_parallel_size > 1 and self.weight_sync_method == "disk":
             raise ConfigError(
                 "data_parallel_size",
@@ -220,6 +286,60 @@ class SGLangConfig:
                 "weight updates ('disk' sync) need data_parallel_size=1 (SGLang #4283); "
                 "use tensor_parallel_size instead, or weight_sync_method='lora' or 'restart'",
             )
+        self._check_urls()
+
+    def _check_urls(self) -> None:
+        urls = self.servers
+        if not isinstance(urls, list | tuple) or not all(isinstance(u, str) for u in urls):
+            raise ConfigError("servers", urls, "a list of URLs, e.g. ['http://10.0.0.5:30000']")
+        self.servers = [u.rstrip("/") for u in urls]
+        if not urls:
+            return
+        for url in self.servers:
+            parsed = urlsplit(url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path:
+                raise ConfigError("servers", urls, f"URLs like 'http://host:30000' ({url!r} is not one)")
+        if len(set(self.servers)) != len(self.servers):
+            raise ConfigError("servers", urls, "each server once")
+        if self.replicas != 1 or self.port is not None:
+            field_name = "replicas" if self.replicas != 1 else "port"
+            raise ConfigError(
+                field_name,
+                getattr(self, field_name),
+                "left out with servers=[...]: the backend starts no SGLang server of its own then",
+            )
+        if self.weight_sync_method != "lora":
+            raise ConfigError(
+                "weight_sync_method",
+                self.weight_sync_method,
+                "'lora' with servers=[...]: a server started elsewhere takes new policies as adapters sent over HTTP "
+                "('disk' and 'restart' need its files and its process)",
+            )
+        remote = [u for u in self.servers if urlsplit(u).hostname not in LOOPBACK]
+        if remote and not self.api_key:
+            raise ConfigError(
+                "servers",
+                urls,
+                f"loopback URLs unless SGLangConfig(api_key=...) is set ({remote} are not): a server other hosts "
+                "reach must run with --api-key, since SGLang's admin API (weight updates, adapter loads) has no "
+                "other authentication",
+            )
+
+
+def check_servers(cfg: SGLangConfig, count: int) -> None:
+    """What `count` SGLang servers of one policy need (from SGLangConfig.replicas, or one per
+    tensor_parallel_size of DeviceConfig.inference_devices)."""
+    if count == 1:
+        return
+    if cfg.weight_sync_method != "lora":
+        raise ConfigError(
+            "weight_sync_method",
+            cfg.weight_sync_method,
+            f"'lora' with {count} SGLang servers (replicas): replicas take new policies with 'lora' only so far (an "
+            "adapter loaded on every replica before the route flips)",
+        )
+    if cfg.port is not None:
+        raise ConfigError("port", cfg.port, f"None with {count} SGLang servers (replicas): each takes a free port")
 
 
 def gpu_count() -> int:

@@ -438,30 +438,29 @@ def _devices(internal: Mapping[str, Any], devices: DeviceConfig, tensor_parallel
             given, internal[given], "set together with the other of trainer_gpu_ids / inference_gpu_ids, as in ART"
         )
     trainer_ids, inference_ids = internal["trainer_gpu_ids"], internal["inference_gpu_ids"]
-    if not isinstance(inference_ids, list | tuple) or len(inference_ids) != 1:
-        raise ConfigError(
-            "inference_gpu_ids", inference_ids, "exactly one GPU id, e.g. [0]: this backend runs one SGLang server"
-        )
-    if tensor_parallel_size != 1:
+    if not isinstance(inference_ids, list | tuple) or not inference_ids:
+        raise ConfigError("inference_gpu_ids", inference_ids, "a non-empty list of GPU ids, e.g. [0]")
+    if len(inference_ids) != tensor_parallel_size:
         raise ConfigError(
             "inference_gpu_ids",
             inference_ids,
-            f"one GPU, so tensor_parallel_size must be 1, not {tensor_parallel_size} (ART requires "
-            "tensor_parallel_size == len(inference_gpu_ids))",
+            f"tensor_parallel_size ({tensor_parallel_size}) GPU ids: ART runs one server across them (ART requires "
+            "tensor_parallel_size == len(inference_gpu_ids)); for several replicas use "
+            "DeviceConfig(inference_devices=[...])",
         )
     try:
-        new = DeviceConfig(inference_ids[0], trainer_ids, auto_detect=False)
+        new = DeviceConfig(training_devices=trainer_ids, auto_detect=False, inference_devices=list(inference_ids))
     except ConfigError as e:
-        key = "inference_gpu_ids" if e.field == "inference_device" else "trainer_gpu_ids"
+        key = "trainer_gpu_ids" if e.field == "training_devices" else "inference_gpu_ids"
         raise ConfigError(key, internal[key], e.allowed) from None
-    if not devices.auto_detect and (devices.inference_device, devices.training_devices) != (
-        new.inference_device,
+    if not devices.auto_detect and (devices.serving_devices, devices.training_devices) != (
+        new.serving_devices,
         new.training_devices,
     ):
         raise ConfigError(
             "trainer_gpu_ids",
             trainer_ids,
-            f"the backend was given other devices (inference_device={devices.inference_device}, "
-            f"training_devices={devices.training_devices}): set them in one place",
+            f"the backend was given other devices (serving {devices.serving_devices}, training "
+            f"{devices.training_devices}): set them in one place",
         )
     return new

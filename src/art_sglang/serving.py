@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .gateway import Gateway
-from .server import ReplicaSet, SGLangClient, SGLangServer
+from .server import ReplicaClient, ReplicaSet, SGLangClient, SGLangServer
 from .step import ModelRun, republish_current
 
 log = logging.getLogger("art_sglang")
@@ -108,5 +108,7 @@ class Serving:
             with contextlib.suppress(Exception):
                 await run.sync.close()
         self.gateway.stop()
+        if isinstance(self.client, ReplicaClient):
+            await self.client.release_adapters()
         await self.client.aclose()
         await asyncio.to_thread(self.server.stop)

@@ -49,8 +49,9 @@ def check_port_free(host: str, port: int) -> None:
 class SGLangServer:
     """A real SGLang server for one model.
 
-    `device` is the GPU index for `CUDA_VISIBLE_DEVICES`, or None for the CPU (which starts through our
-    launcher so that LoRA works there). `await start()` returns once `/health` answers 200.
+    `device` is the GPU index (or the `tensor_parallel_size` indices) for `CUDA_VISIBLE_DEVICES`, or None for the
+    CPU (which starts through our launcher so that LoRA works there). `await start()` returns once `/health`
+    answers 200.
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class SGLangServer:
         config: SGLangConfig,
         *,
         log_path: str | Path,
-        device: int | None,
+        device: int | list[int] | None,
         enable_lora: bool = True,
         memory_saver: bool = False,
         served_model_name: str | None = None,
@@ -70,7 +71,7 @@ class SGLangServer:
         self.base_model_path = str(model_path)
         self.config = config
         self.log_path = Path(log_path)
-        self.device = device
+        self.gpus: list[int] = [] if device is None else [device] if isinstance(device, int) else list(device)
         self.enable_lora = enable_lora
         self.memory_saver = memory_saver
         self.served_model_name = served_model_name
@@ -138,7 +139,7 @@ class SGLangServer:
         if c.reasoning_parser:
             cmd += ["--reasoning-parser", c.reasoning_parser]
         # xgrammar applies its token masks only on CUDA: on the CPU a constrained request kills the scheduler.
-        grammar = c.grammar_backend or ("llguidance" if self.device is None else None)
+        grammar = c.grammar_backend or ("llguidance" if not self.gpus else None)
         if grammar:
             cmd += ["--grammar-backend", grammar]
         if self.enable_lora:
@@ -151,7 +152,7 @@ class SGLangServer:
                 "--max-loras-per-batch",
                 str(c.max_loras_per_batch),
             ]
-        if self.device is None:
+        if not self.gpus:
             cmd += [
                 "--device",
                 "cpu",
@@ -181,14 +182,14 @@ class SGLangServer:
         # Logprobs of the policy itself (log_softmax of the logits), not of logits / temperature: what the
         # trainer computes, whatever the sampling settings.
         env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
-        if self.device is None:
+        if not self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ""
             env["SGLANG_USE_CPU_ENGINE"] = "1"  # without it the rotary embedding imports vllm
             env["OMP_NUM_THREADS"] = str(self.config.cpu_threads)
             env["ART_SGLANG_NO_PIN_MEMORY"] = "1"
             env["PYTHONPATH"] = str(CPU_LAUNCH_DIR)  # its sitecustomize reaches every spawned process
         else:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.device)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpus))
         return env
 
     # -- life cycle -------------------------------------------------------------------------------------

@@ -4,12 +4,15 @@ The gateway sends each request to one replica (gateway/upstreams.py); what chang
 (`ReplicaClient`), so a version goes live only when every replica has it: the `lora` sync loads the new adapter on
 all, then flips the route. A replica that dies is taken out at once (the gateway sends its cut-off requests to the
 others), restarted in place, given every adapter the others hold and the current version, and only then taken back:
-the syncs never see it go, and the set as a whole never crashes.
+the syncs never see it go, and the set as a whole never crashes. Servers started elsewhere (server/external.py) are
+members too: one that stops answering is taken out the same way and taken back once it answers again; they are
+sent adapters as tensors, since they cannot read this machine's files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,9 +22,12 @@ from typing import Any, NoReturn
 
 from ..errors import CapabilityError, ServerUnreachableError
 from .client import SGLangClient
+from .external import ExternalServer
 from .process import SGLangServer
 
 log = logging.getLogger(__name__)
+Replica = SGLangServer | ExternalServer
+_TOKENS = itertools.count(1 << 30)  # a set's `pid`: above any real process id, so never one
 
 
 @dataclass
@@ -37,13 +43,14 @@ class ReplicaClient(SGLangClient):
     """An admitted replica for requests and questions; every admitted replica for what changes the policy
     (adapters, version, cache)."""
 
-    def __init__(self, replicas: list[SGLangServer]) -> None:
+    def __init__(self, replicas: list[Replica]) -> None:
         key = replicas[0].config.api_key
         super().__init__(replicas[0].base_url, api_key=key)
         self.servers = replicas
         self.replicas = [SGLangClient(s.base_url, api_key=key) for s in replicas]
         # Replicas that hold the current policy; replaced whole on change (the gateway's thread reads it).
         self.admitted: frozenset[int] = frozenset(range(len(replicas)))
+        self.by_tensors = any(isinstance(s, ExternalServer) for s in replicas)  # adapters as tensors, not paths
         self.adapters: dict[str, _Load] = {}  # loaded on every admitted replica
         self.version: str | None = None
         self._lock = asyncio.Lock()  # a change reaches all admitted replicas before the next begins
@@ -90,6 +97,11 @@ class ReplicaClient(SGLangClient):
 
     # What changes the policy goes to every replica.
     async def load_lora_adapter(self, name: str, path: str, *, pinned: bool = False) -> dict[str, Any]:
+        if self.by_tensors:
+            from ..trainer.pack import checkpoint_payload  # torch: only where it is needed
+
+            config, tensors = await asyncio.to_thread(checkpoint_payload, path)
+            return await self.load_lora_adapter_from_tensors(name, config, tensors)
         return await self._load(name, _Load(path=path), lambda c: c.load_lora_adapter(name, path, pinned=pinned))
 
     async def load_lora_adapter_from_tensors(self, name: str, config: dict[str, Any], tensors: bytes) -> dict[str, Any]:
@@ -114,6 +126,18 @@ class ReplicaClient(SGLangClient):
     async def flush_cache(self) -> None:
         await self._on_all(lambda c: c.flush_cache())
 
+    async def release_adapters(self) -> None:
+        """Unload every adapter from the servers started elsewhere, which outlive the backend (best effort: one that
+        is down has lost them, or keeps them until it restarts)."""
+        async with self._lock:
+            names, self.adapters = list(self.adapters), {}
+            elsewhere = [i for i in sorted(self.admitted) if isinstance(self.servers[i], ExternalServer)]
+            for i, name in itertools.product(elsewhere, names):
+                try:
+                    await self.replicas[i].unload_lora_adapter(name)
+                except Exception as e:  # closing: report it and go on
+                    log.warning("art-sglang: could not unload %s from %s: %s", name, self.replicas[i].base_url, e)
+
     @staticmethod
     def _unsupported(what: str) -> NoReturn:
         raise CapabilityError(
@@ -135,7 +159,10 @@ class ReplicaClient(SGLangClient):
         """Give replica `i` (just started) every adapter and the version the others hold, then count it in."""
         async with self._lock:
             c = self.replicas[i]
+            held = set(await c.models())  # a server started elsewhere may have kept them through an outage
             for name, load in self.adapters.items():
+                if name in held:
+                    continue
                 if load.path is not None and not Path(load.path).exists():
                     # Its checkpoint was removed (an older step's, kept loaded for requests already routed to it):
                     # this replica answers those with SGLang's "never loaded" error rather than another policy.
@@ -151,11 +178,11 @@ class ReplicaClient(SGLangClient):
 
 
 class ReplicaSet:
-    """N SGLang servers of one policy, with SGLangServer's life cycle; `watch` restarts a replica that dies."""
+    """SGLang servers of one policy, with SGLangServer's life cycle; `watch` restarts a replica that dies."""
 
-    def __init__(self, replicas: list[SGLangServer]) -> None:
-        if len(replicas) < 2:
-            raise ValueError("a ReplicaSet needs at least two servers")
+    def __init__(self, replicas: list[Replica]) -> None:
+        if not replicas:
+            raise ValueError("a ReplicaSet needs a server")
         self.replicas = replicas
         first = replicas[0]
         self.config = first.config
@@ -173,13 +200,17 @@ class ReplicaSet:
         return self.replicas[0].sglang_version
 
     @property
+    def served_model_name(self) -> str | None:
+        return self.replicas[0].served_model_name
+
+    @property
     def urls(self) -> list[str]:
         return [s.base_url for s in self.replicas]
 
     @property
     def pid(self) -> int | None:
         """Stands for what the replicas hold, which lives as long as the set (a restarted replica is given it
-        again): the first replica's first pid, a token only, never signalled."""
+        again): a token, new on each start, never a process id."""
         return self._pid
 
     @property
@@ -197,7 +228,7 @@ class ReplicaSet:
             self.stop()
             raise
         self.client = ReplicaClient(self.replicas)
-        self._pid = self.replicas[0].pid
+        self._pid = next(_TOKENS)
 
     def stop(self) -> None:
         self._pid = None

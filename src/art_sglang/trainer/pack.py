@@ -13,7 +13,9 @@ fault per page, which made copying and pickling a 7B model's adapter several tim
 from __future__ import annotations
 
 import functools
+import json
 import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,3 +93,14 @@ class TensorPacker:
         pickle.Pickler(into, protocol=5).dump({n: calls[n] for n in tensors})
         del self._out[into.size :]
         return self._out
+
+
+def checkpoint_payload(directory: str | Path) -> tuple[dict[str, Any], bytes]:
+    """A saved adapter (adapter_config.json, adapter_model.safetensors) as `/load_lora_adapter_from_tensors` takes
+    it: for a server that cannot read this machine's files."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    return config, bytes(TensorPacker().pack(tensors))
