@@ -122,13 +122,16 @@ def test_explicit_placement():
 
 
 def test_replicas_on_gpus_one_server_per_tensor_parallel_group():
-    eight = DeviceConfig(inference_devices=[0, 1, 2, 3], training_devices=[4, 5, 6, 7], auto_detect=False)
+    eight = DeviceConfig(inference_devices=[0, 1, 2, 3], training_devices=[4, 5, 6, 7])  # named: placed as named
+    assert not eight.auto_detect
     p = place(eight, 8)
     assert (p.mode, p.inference_device, p.training_devices) == ("split", 0, [4, 5, 6, 7])
     assert p.servers == [[0], [1], [2], [3]] and "4 SGLang servers" in p.reason
     assert place(eight, 8, replicas=4).servers == p.servers  # replicas may repeat the count
     assert place(eight, 8, tensor_parallel_size=2).servers == [[0, 1], [2, 3]]
-    assert DeviceConfig(inference_devices=[5], training_devices=[6]) == DeviceConfig(5, [6])  # one GPU: the same
+    assert place(eight, 8, data_parallel_size=2).servers == [[0, 1], [2, 3]]  # SGLang's --dp-size: GPUs too
+    one = DeviceConfig(5, [6], auto_detect=False)
+    assert DeviceConfig(inference_devices=[5], training_devices=[6]) == one  # one GPU: the same config
     # Detected: the first replicas * tensor_parallel_size GPUs serve, the rest train.
     p = place(DeviceConfig(), 8, replicas=2, tensor_parallel_size=2)
     assert (p.servers, p.training_devices) == ([[0, 1], [2, 3]], [4, 5, 6, 7])

@@ -216,8 +216,10 @@ async def test_a_server_started_elsewhere_is_attached_by_url(tmp_path, model_pat
         groups = await gather(model, QUESTIONS)
         result = await backend.train(model, groups, learning_rate=2e-4)
         assert result.step == 1
-        gaps = await replicas_serve(run, groups)  # the step's adapter went over HTTP, as tensors
+        gaps = await replicas_serve(run, groups)
         assert all(g < 1e-3 for g in gaps), gaps
+        # Every adapter went over HTTP as tensors, the first step's (read from its checkpoint) too: no path is sent.
+        assert run.client.adapters and all(load.path is None for load in run.client.adapters.values())
 
         # An outage: it stops answering. It is taken out; requests wait; once it answers it is checked, given what it
         # lacks and taken back, and the requests complete on the current policy.

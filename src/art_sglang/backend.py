@@ -601,7 +601,7 @@ class SGLangBackend:
 # -- small helpers --------------------------------------------------------------------------------------------
 def _placed_by(devices: DeviceConfig, cfg: SGLangConfig) -> tuple[Any, ...]:
     """What the placement depends on."""
-    return devices, cfg.replicas, cfg.tensor_parallel_size, bool(cfg.servers)
+    return devices, cfg.replicas, cfg.tensor_parallel_size, cfg.data_parallel_size, bool(cfg.servers)
 
 
 def _place(devices: DeviceConfig, cfg: SGLangConfig) -> Placement:
@@ -610,6 +610,7 @@ def _place(devices: DeviceConfig, cfg: SGLangConfig) -> Placement:
         gpu_count(),
         replicas=cfg.replicas,
         tensor_parallel_size=cfg.tensor_parallel_size,
+        data_parallel_size=cfg.data_parallel_size,
         serving_elsewhere=bool(cfg.servers),
     )
 

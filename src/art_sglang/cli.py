@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -105,31 +107,39 @@ def _serve(args: argparse.Namespace) -> int:
         log_path=args.log,
         device=gpus,
         enable_lora=True,
-        served_model_name=args.name or base.name,
+        served_model_name=args.name or Path(args.model).name,  # a hub id's name, not its snapshot's hash
         tool_call_parser=parser,
     )
     if args.print:
         env = server.environment()
         changed = [f"{k}={v}" for k, v in sorted(env.items()) if os.environ.get(k) != v]
-        print(" ".join([*changed, *server.command()]))
+        command = ["<key>" if args.api_key and a == args.api_key else a for a in server.command()]
+        print(shlex.join([*changed, *command]))
         return 0
 
-    async def run() -> None:
+    async def run() -> int:
         stopped = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopped.set)
         print(f"[art-sglang] starting SGLang {server.sglang_version} on {base} (log: {args.log}) ...", flush=True)
         await server.start()
+        crashed = None
         try:
-            print(f"[art-sglang] serving at {server.base_url}: SGLangConfig(servers=[{server.base_url!r}])", flush=True)
-            await stopped.wait()
+            where = server.base_url.replace("0.0.0.0", "<this host>")
+            print(f"[art-sglang] serving at {server.base_url}: SGLangConfig(servers=[{where!r}])", flush=True)
+            while not stopped.is_set() and (crashed := server.crash_reason()) is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopped.wait(), timeout=1.0)
         finally:
             server.stop()
+        if crashed is not None:  # a supervisor sees it and may start it again
+            print(f"[art-sglang] the server stopped: {crashed}; log: {args.log}", file=sys.stderr, flush=True)
+            return 1
         print("[art-sglang] stopped", flush=True)
+        return 0
 
-    asyncio.run(run())
-    return 0
+    return asyncio.run(run())
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -36,7 +36,8 @@ class DeviceConfig:
     `SGLangConfig(replicas=R, tensor_parallel_size=T)`, inference on the first R*T GPUs).
     With `auto_detect=False` the given devices are used; `training_devices=[inference_device]` means shared
     mode on that one GPU. `inference_devices=[0, 1, 2, 3]` serves from several GPUs: one SGLang server (a replica
-    of the policy) per `tensor_parallel_size` of them; it replaces `inference_device`.
+    of the policy) per `tensor_parallel_size` of them; it replaces `inference_device` and places explicitly (as
+    `auto_detect=False`).
     """
 
     inference_device: int = 0
@@ -50,6 +51,7 @@ class DeviceConfig:
         self.training_devices = _gpu_list("training_devices", self.training_devices)
         if self.inference_devices is not None:
             self.inference_devices = _gpu_list("inference_devices", self.inference_devices)
+            self.auto_detect = False  # the serving GPUs are named: nothing is left to detect
             first = self.inference_devices[0]
             if self.inference_device not in (0, first):
                 raise ConfigError(
@@ -105,11 +107,12 @@ def place(
     *,
     replicas: int = 1,
     tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
     serving_elsewhere: bool = False,
 ) -> Placement:
     """Decide the mode and devices for `gpu_count` visible GPUs: `replicas` SGLang servers of
-    `tensor_parallel_size` GPUs each (the count follows `inference_devices` when those are given), or none here
-    when the servers run elsewhere (`SGLangConfig.servers`)."""
+    `tensor_parallel_size * data_parallel_size` GPUs each (the count follows `inference_devices` when those are
+    given), or none here when the servers run elsewhere (`SGLangConfig.servers`)."""
     if gpu_count == 0:
         why = "no GPU found"
         if not devices.auto_detect:
@@ -122,16 +125,16 @@ def place(
         if missing := sorted(d for d in training if d >= gpu_count):
             raise ConfigError("training_devices", training, f"GPUs that exist: {missing} do not ({gpu_count} visible)")
         return Placement("split", None, training, f"SGLang servers elsewhere: training on {training}")
-    tp = tensor_parallel_size
+    size = tensor_parallel_size * data_parallel_size  # GPUs per server
     if devices.auto_detect:
-        need = replicas * tp
+        need = replicas * size
         if gpu_count == 1 and need == 1:
             return Placement("shared", 0, [0], "1 GPU found: server and trainer time-share GPU 0", [[0]])
         if need >= gpu_count:
             raise ConfigError(
                 "replicas" if replicas > 1 else "tensor_parallel_size",
-                replicas if replicas > 1 else tp,
-                f"at most what {gpu_count} visible GPU(s) hold: {replicas} server(s) of {tp} GPU(s) take {need}, "
+                replicas if replicas > 1 else tensor_parallel_size,
+                f"at most what {gpu_count} visible GPU(s) hold: {replicas} server(s) of {size} GPU(s) take {need}, "
                 "and training needs at least one more (time-sharing one GPU runs one server on it)",
             )
         serving, training, why = list(range(need)), list(range(need, gpu_count)), f"{gpu_count} GPUs found"
@@ -146,28 +149,28 @@ def place(
             )
         if training == serving:  # one GPU, time-shared
             d = serving[0]
-            need = replicas * tp
+            need = replicas * size
             if need > 1:
                 raise ConfigError(
                     "replicas" if replicas > 1 else "tensor_parallel_size",
-                    replicas if replicas > 1 else tp,
+                    replicas if replicas > 1 else tensor_parallel_size,
                     f"1 in shared mode (one server time-shares GPU {d} with the trainer; {need} GPUs asked for); "
                     "list the serving GPUs in DeviceConfig(inference_devices=[...]) apart from training_devices",
                 )
             return Placement("shared", d, [d], f"configured: server and trainer time-share GPU {d}", [[d]])
-    if len(serving) % tp:
+    if len(serving) % size:
         raise ConfigError(
             "tensor_parallel_size",
-            tp,
+            tensor_parallel_size,
             f"a divisor of the {len(serving)} serving GPUs {serving}: each SGLang server takes tensor_parallel_size "
-            "of them",
+            f"x data_parallel_size ({size}) of them",
         )
-    servers = [serving[i : i + tp] for i in range(0, len(serving), tp)]
+    servers = [serving[i : i + size] for i in range(0, len(serving), size)]
     if replicas not in (1, len(servers)):
         raise ConfigError(
             "replicas",
             replicas,
-            f"{len(servers)} (one server per {tp} of the serving GPUs {serving}), or list {replicas * tp} GPUs in "
+            f"{len(servers)} (one server per {size} of the serving GPUs {serving}), or list {replicas * size} GPUs in "
             "DeviceConfig(inference_devices=[...])",
         )
     on = " and ".join(",".join(map(str, g)) for g in servers)

@@ -108,7 +108,9 @@ class Serving:
             with contextlib.suppress(Exception):
                 await run.sync.close()
         self.gateway.stop()
-        if isinstance(self.client, ReplicaClient):
-            await self.client.release_adapters()
-        await self.client.aclose()
-        await asyncio.to_thread(self.server.stop)
+        try:
+            if isinstance(self.client, ReplicaClient):
+                await self.client.release_adapters()  # servers started elsewhere outlive us
+        finally:
+            await self.client.aclose()
+            await asyncio.to_thread(self.server.stop)

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SGLangConfig
-from ..errors import ArtSGLangError, ServerStartError
+from ..errors import ArtSGLangError, ServerStartError, ServerUnreachableError, SGLangAPIError
 from .client import SGLangClient
 
 log = logging.getLogger(__name__)
 
-HEALTH_INTERVAL = 1.0  # seconds between health polls
-HEALTH_MISSES = 2  # polls in a row without an answer before the server counts as down
+POLL_INTERVAL = 1.0  # seconds between polls of a server's liveness
+POLL_TIMEOUT = 5.0
+POLL_MISSES = 2  # polls in a row without an answer before the server counts as down
+ADMIN_TIMEOUT = 60.0  # an admin call to a server elsewhere (a hung host must not hold a sync for SGLang's 600 s)
 # Mean |sampled - prefill| logprob on the probe allowed: fp32 ~1e-6, bf16 ~1e-2; temperature-scaled logprobs at the
 # probe's temperature differ by nats.
 MAX_PROBE_GAP = 0.1
@@ -44,9 +46,14 @@ def check_server_args(info: dict[str, Any], cfg: SGLangConfig) -> list[str]:
         if rank is not None and rank < cfg.max_lora_rank:
             problems.append(f"--max-lora-rank is {rank}, the adapters need {cfg.max_lora_rank}")
         served = info.get("lora_target_modules") or []
-        wanted = cfg.lora_target_modules or []
+        wanted = [m for m in cfg.lora_target_modules or [] if m != "all"]  # "all": PEFT's choice, known at load
         if "all" not in served and (missing := sorted(set(wanted) - set(served))):
             problems.append(f"--lora-target-modules {served} lacks {missing}")
+        batch = info.get("max_loras_per_batch")
+        if batch is not None and batch < cfg.max_loras_per_batch:
+            problems.append(
+                f"--max-loras-per-batch is {batch}, below SGLangConfig.max_loras_per_batch={cfg.max_loras_per_batch}"
+            )
     return problems
 
 
@@ -56,13 +63,10 @@ class ExternalServer:
     def __init__(self, url: str, config: SGLangConfig, *, log_path: str | Path) -> None:
         self.base_url = url.rstrip("/")
         self.config = config
-        self.log_path = Path(log_path)  # the backend's notes on it; its own log is where it runs
+        self.log_path = Path(log_path)  # for messages only: its own log is on the host that runs it
         self.model_path = self.base_model_path = self.base_url
-        self.restarts = 0
         self.served_model_name: str | None = None
         self._version = "unknown"
-        self._attached: int | None = None  # which attach the health poll belongs to
-        self._attaches = 0
         self._down: str | None = "not attached yet"
         self._poll: asyncio.Task[None] | None = None  # ends when the server is down or detached
 
@@ -75,13 +79,9 @@ class ExternalServer:
         """No process of ours."""
         return None
 
-    @property
-    def running(self) -> bool:
-        return self._attached is not None
-
     async def start(self) -> None:
-        """Wait up to `server_timeout` for the server to answer, check it, then watch its health."""
-        async with SGLangClient(self.base_url, api_key=self.config.api_key, timeout=60.0) as client:
+        """Wait up to `server_timeout` for the server to answer, check it, then watch that it keeps answering."""
+        async with SGLangClient(self.base_url, api_key=self.config.api_key, timeout=ADMIN_TIMEOUT) as client:
             deadline = asyncio.get_running_loop().time() + self.config.server_timeout
             while not await client.health():
                 if asyncio.get_running_loop().time() > deadline:
@@ -90,8 +90,16 @@ class ExternalServer:
                         f"{self.config.server_timeout:.0f} s (SGLangConfig.server_timeout). Check that it runs and "
                         f"that this host reaches it. {SERVE_HINT}"
                     )
-                await asyncio.sleep(HEALTH_INTERVAL)
-            info = await client.server_info()
+                await asyncio.sleep(POLL_INTERVAL)
+            try:
+                info = await client.server_info()
+            except SGLangAPIError as e:
+                if e.status != 401:
+                    raise
+                raise ArtSGLangError(
+                    f"the SGLang server at {self.base_url} refused this backend's API key: SGLangConfig(api_key=...) "
+                    "must equal the key the server was started with (--api-key)."
+                ) from None
             if problems := check_server_args(info, self.config):
                 raise ArtSGLangError(
                     f"the SGLang server at {self.base_url} cannot serve this backend's adapters: "
@@ -100,31 +108,41 @@ class ExternalServer:
             await _check_policy_logprobs(client, self.base_url)
         self._version = str(info.get("version", "unknown"))
         self.served_model_name = info.get("served_model_name") or info.get("model_path")
-        self._attaches += 1
-        self._attached, self._down = self._attaches, None
-        self._poll = asyncio.create_task(self._watch_health())
+        self._down = None
+        self._poll = asyncio.create_task(self._watch())
         log.info("art-sglang: attached SGLang %s at %s", self._version, self.base_url)
 
-    async def _watch_health(self) -> None:
-        attach = self._attached
-        async with SGLangClient(self.base_url, api_key=self.config.api_key) as client:
-            misses = 0
-            while self._attached == attach:
-                await asyncio.sleep(HEALTH_INTERVAL)
-                misses = 0 if await client.health() else misses + 1
-                if misses >= HEALTH_MISSES and self._attached == attach:
-                    self._down = f"{self.base_url} did not answer /health {misses} times in a row"
-                    return
+    async def _watch(self) -> None:
+        """Mark the server down once it misses POLL_MISSES answers in a row. `/model_info` is answered by its HTTP
+        process alone (`/health` runs a generation, which waits behind a long prefill): this asks whether the host
+        and the server are there, not whether it is busy."""
+        misses = 0
+        try:
+            async with SGLangClient(self.base_url, api_key=self.config.api_key, timeout=POLL_TIMEOUT) as client:
+                while self._down is None:
+                    await asyncio.sleep(POLL_INTERVAL)
+                    try:
+                        await client.model_info()
+                        misses = 0
+                    except ServerUnreachableError:
+                        misses += 1
+                    if misses >= POLL_MISSES:
+                        self.mark_down(f"{self.base_url} did not answer {misses} times in a row")
+        except Exception as e:  # the watch must not end unnoticed
+            self.mark_down(f"its watch failed ({type(e).__name__}: {e})")
+
+    def mark_down(self, reason: str) -> None:
+        """Count it as down (its poll saw it go, or a call to it failed): ReplicaSet's watch takes it out."""
+        if self._down is None:
+            self._down = reason
 
     def stop(self) -> None:
-        """Stop watching it; the server itself is left running. (It may run in a worker thread: the poll then
-        ends at its next tick.)"""
-        self._attached = None
-        self._down = self._down or "detached"
-        if self._poll is not None:
-            with contextlib.suppress(RuntimeError):  # not on the loop's thread
-                if asyncio.get_running_loop() is self._poll.get_loop():
-                    self._poll.cancel()
+        """Stop watching it; the server itself is left running. Safe from any thread."""
+        self.mark_down("detached")
+        poll, self._poll = self._poll, None
+        if poll is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: the poll has ended
+                poll.get_loop().call_soon_threadsafe(poll.cancel)
 
     def crash_reason(self) -> str | None:
         return self._down

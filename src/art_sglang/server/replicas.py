@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import CapabilityError, ServerUnreachableError
+from ..errors import ArtSGLangError, CapabilityError, ServerUnreachableError
 from .client import SGLangClient
-from .external import ExternalServer
+from .external import ADMIN_TIMEOUT, ExternalServer
 from .process import SGLangServer
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,15 @@ class ReplicaClient(SGLangClient):
         key = replicas[0].config.api_key
         super().__init__(replicas[0].base_url, api_key=key)
         self.servers = replicas
-        self.replicas = [SGLangClient(s.base_url, api_key=key) for s in replicas]
+        self.replicas = [
+            SGLangClient(s.base_url, api_key=key, timeout=ADMIN_TIMEOUT if isinstance(s, ExternalServer) else 600.0)
+            for s in replicas
+        ]
         # Replicas that hold the current policy; replaced whole on change (the gateway's thread reads it).
         self.admitted: frozenset[int] = frozenset(range(len(replicas)))
         self.by_tensors = any(isinstance(s, ExternalServer) for s in replicas)  # adapters as tensors, not paths
         self.adapters: dict[str, _Load] = {}  # loaded on every admitted replica
+        self.ours: set[str] = set()  # every adapter name this client loaded (others' are left alone)
         self.version: str | None = None
         self._lock = asyncio.Lock()  # a change reaches all admitted replicas before the next begins
 
@@ -70,14 +74,19 @@ class ReplicaClient(SGLangClient):
         results = await asyncio.gather(*(call(self.replicas[i]) for i in chosen), return_exceptions=True)
         done = []
         for i, r in zip(chosen, results, strict=True):
+            server = self.servers[i]
+            if isinstance(r, ServerUnreachableError) and isinstance(server, ExternalServer):
+                server.mark_down(str(r))  # a host that went away: the watch takes it back once it answers
             if not isinstance(r, BaseException):
                 done.append(r)
-            elif self.servers[i].crash_reason() is not None:
+            elif server.crash_reason() is not None:
                 self.admitted = self.admitted - {i}
             else:
                 raise r
         if not done:
-            raise ServerUnreachableError("no SGLang replica is running: every one is restarting")
+            raise ServerUnreachableError(
+                "no SGLang server is up: every one is down or restarting (the step is tried again by the next train())"
+            )
         return done
 
     async def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -100,7 +109,10 @@ class ReplicaClient(SGLangClient):
         if self.by_tensors:
             from ..trainer.pack import checkpoint_payload  # torch: only where it is needed
 
-            config, tensors = await asyncio.to_thread(checkpoint_payload, path)
+            try:
+                config, tensors = await asyncio.to_thread(checkpoint_payload, path)
+            except OSError as e:
+                raise ArtSGLangError(f"cannot read adapter {path} to send it to the servers: {e}") from e
             return await self.load_lora_adapter_from_tensors(name, config, tensors)
         return await self._load(name, _Load(path=path), lambda c: c.load_lora_adapter(name, path, pinned=pinned))
 
@@ -111,6 +123,7 @@ class ReplicaClient(SGLangClient):
     async def _load(self, name: str, load: _Load, call: Callable[[SGLangClient], Awaitable[Any]]) -> Any:
         async with self._lock:
             self.adapters[name] = load  # first: the caller unloads `name` everywhere if this fails
+            self.ours.add(name)
             return (await self._on_all(call))[0]
 
     async def unload_lora_adapter(self, name: str) -> dict[str, Any]:
@@ -141,7 +154,7 @@ class ReplicaClient(SGLangClient):
     @staticmethod
     def _unsupported(what: str) -> NoReturn:
         raise CapabilityError(
-            f"{what} is not available with SGLangConfig(replicas > 1) yet: replicas take new policies with "
+            f"{what} is not available with several SGLang servers or servers=[...] yet: they take new policies with "
             "weight_sync_method='lora' only."
         )
 
@@ -160,6 +173,8 @@ class ReplicaClient(SGLangClient):
         async with self._lock:
             c = self.replicas[i]
             held = set(await c.models())  # a server started elsewhere may have kept them through an outage
+            for name in sorted((held & self.ours) - set(self.adapters)):  # unloaded elsewhere while it was out
+                await c.unload_lora_adapter(name)
             for name, load in self.adapters.items():
                 if name in held:
                     continue
@@ -222,9 +237,13 @@ class ReplicaSet:
         return self.client.admitted if self.client is not None else frozenset()
 
     async def start(self) -> None:
+        starts = [asyncio.ensure_future(s.start()) for s in self.replicas]
         try:
-            await asyncio.gather(*(s.start() for s in self.replicas))
+            await asyncio.gather(*starts)
         except BaseException:
+            for task in starts:  # the others stop waiting: none attaches or starts after this
+                task.cancel()
+            await asyncio.gather(*starts, return_exceptions=True)
             self.stop()
             raise
         self.client = ReplicaClient(self.replicas)

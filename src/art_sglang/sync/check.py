@@ -1,7 +1,8 @@
 """The check that the server serves the trainer's policy: both score one rendered reply, token by token.
 
-Run once the first policy is published. A model SGLang serves differently from transformers (an architecture it
-implements otherwise, a checkpoint field it ignores) would otherwise serve a wrong policy with no error.
+Run once the first policy is published, on every server. A model SGLang serves differently from transformers (an
+architecture it implements otherwise, a checkpoint field it ignores), or a server elsewhere started on another model,
+would otherwise serve a wrong policy with no error.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 
 from ..chat import ChatTemplate
 from ..errors import PolicyMismatchError
+from ..server import ReplicaClient
 from ..trainer.sequence import Sequence
 from .base import SyncContext
 
@@ -18,20 +20,27 @@ MAX_MEAN_GAP = 0.1
 
 
 async def check_served_policy(ctx: SyncContext, template: ChatTemplate) -> float:
-    """The mean logprob gap on one rendered reply; PolicyMismatchError when the two policies differ."""
+    """The largest mean logprob gap on one rendered reply over the servers (each replica, or servers elsewhere,
+    checked on its own); PolicyMismatchError when a server's policy differs from the trainer's."""
     prompt = template.render([{"role": "user", "content": "Name a fruit."}], add_generation_prompt=True)
     reply = template.encode("Apple. It is a sweet fruit that grows on trees.")
     ids = prompt + reply
     sequence = Sequence(ids, [math.nan] * len(ids), [False] * len(prompt) + [True] * len(reply), 0.0, 1.0, 0)
     route = ctx.gateway.route(ctx.name)
-    engine = await ctx.client.score(ids, len(prompt), lora_path=route.adapter if route else None)
     (trainer,) = await ctx.trainer.logprobs([sequence])
-    gap = sum(abs(a - b) for a, b in zip(engine, trainer, strict=True)) / len(trainer)
-    if not gap <= MAX_MEAN_GAP:  # NaN included
-        raise PolicyMismatchError(
-            f"the SGLang server and the trainer disagree on the same tokens (mean logprob gap {gap:.3g}, allowed "
-            f"{MAX_MEAN_GAP}): SGLang {ctx.server.sglang_version} serves this model differently from transformers, "
-            "so its samples would not be the trained policy's. See docs/models.md for the families that are "
-            "checked, and the server log for warnings about weights it did not load."
-        )
-    return gap
+    client = ctx.client
+    servers = [client.replicas[i] for i in sorted(client.admitted)] if isinstance(client, ReplicaClient) else [client]
+    worst = 0.0
+    for server in servers:
+        engine = await server.score(ids, len(prompt), lora_path=route.adapter if route else None)
+        gap = sum(abs(a - b) for a, b in zip(engine, trainer, strict=True)) / len(trainer)
+        if not gap <= MAX_MEAN_GAP:  # NaN included
+            raise PolicyMismatchError(
+                f"the SGLang server at {server.base_url} and the trainer disagree on the same tokens (mean logprob gap "
+                f"{gap:.3g}, allowed {MAX_MEAN_GAP}): it serves another model, or SGLang {ctx.server.sglang_version} "
+                "serves this model differently from transformers, so its samples would not be the trained policy's. "
+                "See docs/models.md for the families that are checked, and the server log for warnings about weights "
+                "it did not load."
+            )
+        worst = max(worst, gap)
+    return worst
