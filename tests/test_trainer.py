@@ -348,7 +348,8 @@ def test_a_checkpoint_as_the_kl_reference(tiny_model, tmp_path):
     now = trainer.sequence_logprobs([seq])[0]
     expected = sum(a - b for a, b in zip(now, at_reference, strict=True)) / len(now)
     assert kl_of(str(reference)) == pytest.approx(expected, abs=1e-5)
-    assert trainer.sequence_logprobs([seq])[0] == pytest.approx(now, abs=1e-6)  # its own adapter came back
+    # Its own adapter came back (fp32 round-off: 1.9e-6 seen on logprobs near -10; another adapter moves them by more)
+    assert trainer.sequence_logprobs([seq])[0] == pytest.approx(now, abs=1e-5)
 
     other = PolicyTrainer(TrainerSettings(str(tiny_model), lora_rank=8, threads=1))
     with pytest.raises(ValueError, match=r"KL reference adapter .*0003 \(r=4.*does not have the policy's LoRA shape"):

@@ -491,7 +491,9 @@ class SGLangBackend:
                 await trainer.start()
                 step = await self._first_checkpoint(trainer, model_dir, step)
             else:
-                server = _new_server(base, server_cfg, gpus, model_dir, model.name, memory_saver, step or 0, parser)
+                server = _new_server(
+                    base, server_cfg, gpus, model_dir, model.name, memory_saver, step or 0, parser, tc.lora_rank
+                )
                 if p.mode == "shared":
                     # One GPU: the trainer loads, then moves to CPU memory, and only then does the server start, so
                     # that it sizes its KV pool from the memory the trainer left.
@@ -624,6 +626,7 @@ def _new_server(
     memory_saver: bool,
     step: int,
     parser: str | None,
+    lora_rank: int,
 ) -> SGLangServer | ReplicaSet:
     """The model's SGLang server, or its replicas (each with its own GPUs, port and log)."""
 
@@ -641,7 +644,8 @@ def _new_server(
         )
 
     if cfg.servers:  # started elsewhere: attached, never started or stopped here
-        return ReplicaSet([ExternalServer(u, cfg, log_path=paths.server_log(model_dir)) for u in cfg.servers])
+        log_path = paths.server_log(model_dir)
+        return ReplicaSet([ExternalServer(u, cfg, lora_rank=lora_rank, log_path=log_path) for u in cfg.servers])
     if len(gpus) == 1:
         return server(gpus[0], paths.server_log(model_dir))
     return ReplicaSet([server(g, paths.replica_log(model_dir, i)) for i, g in enumerate(gpus)])

@@ -36,8 +36,8 @@ class DeviceConfig:
     `SGLangConfig(replicas=R, tensor_parallel_size=T)`, inference on the first R*T GPUs).
     With `auto_detect=False` the given devices are used; `training_devices=[inference_device]` means shared
     mode on that one GPU. `inference_devices=[0, 1, 2, 3]` serves from several GPUs: one SGLang server (a replica
-    of the policy) per `tensor_parallel_size` of them; it replaces `inference_device` and places explicitly (as
-    `auto_detect=False`).
+    of the policy) per `tensor_parallel_size * data_parallel_size` of them; it replaces `inference_device` and places
+    explicitly (as `auto_detect=False`).
     """
 
     inference_device: int = 0

@@ -2,8 +2,9 @@
 
 It has SGLangServer's life cycle, as ReplicaSet uses it, without owning a process: `start` waits until the server
 answers and checks that it can serve the policy exactly (LoRA on, rank and layers, logprobs of the policy itself);
-`crash_reason` is what its health poll last saw; `stop` stops only the poll. The server is never signalled or
-stopped: whoever started it owns it. `art-sglang serve` starts one with the flags the backend needs.
+`crash_reason` says why it counts as down (its liveness poll, or a call that failed); `stop` stops only the poll.
+The server is never signalled or stopped: whoever started it owns it. `art-sglang serve` starts one with the flags
+the backend needs.
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ SERVE_HINT = (
 )
 
 
-def check_server_args(info: dict[str, Any], cfg: SGLangConfig) -> list[str]:
-    """What in a server's `/server_info` keeps it from serving this backend's adapters."""
+def check_server_args(info: dict[str, Any], cfg: SGLangConfig, lora_rank: int) -> list[str]:
+    """What in a server's `/server_info` keeps it from serving this backend's adapters (of rank `lora_rank`)."""
     problems = []
     if not info.get("enable_lora"):
         problems.append("LoRA is off (--enable-lora)")
     else:
         rank = info.get("max_lora_rank")
-        if rank is not None and rank < cfg.max_lora_rank:
-            problems.append(f"--max-lora-rank is {rank}, the adapters need {cfg.max_lora_rank}")
+        if rank is not None and rank < lora_rank:
+            problems.append(f"--max-lora-rank is {rank}, the adapters are of rank {lora_rank}")
         served = info.get("lora_target_modules") or []
         wanted = [m for m in cfg.lora_target_modules or [] if m != "all"]  # "all": PEFT's choice, known at load
         if "all" not in served and (missing := sorted(set(wanted) - set(served))):
@@ -60,9 +61,10 @@ def check_server_args(info: dict[str, Any], cfg: SGLangConfig) -> list[str]:
 class ExternalServer:
     """An SGLang server at `url`, started by someone else; see the module's docstring."""
 
-    def __init__(self, url: str, config: SGLangConfig, *, log_path: str | Path) -> None:
+    def __init__(self, url: str, config: SGLangConfig, *, lora_rank: int, log_path: str | Path) -> None:
         self.base_url = url.rstrip("/")
         self.config = config
+        self.lora_rank = lora_rank
         self.log_path = Path(log_path)  # for messages only: its own log is on the host that runs it
         self.model_path = self.base_model_path = self.base_url
         self.served_model_name: str | None = None
@@ -100,7 +102,7 @@ class ExternalServer:
                     f"the SGLang server at {self.base_url} refused this backend's API key: SGLangConfig(api_key=...) "
                     "must equal the key the server was started with (--api-key)."
                 ) from None
-            if problems := check_server_args(info, self.config):
+            if problems := check_server_args(info, self.config, self.lora_rank):
                 raise ArtSGLangError(
                     f"the SGLang server at {self.base_url} cannot serve this backend's adapters: "
                     f"{'; '.join(problems)}. {SERVE_HINT}"
