@@ -236,9 +236,16 @@ class TrainerGroup:
         try:
             return await asyncio.to_thread(wait)
         except (EOFError, OSError) as e:
-            self._check_processes(what)
+            await self._name_the_dead(what)
             self.stop()
             raise TrainerCrashedError(f"lost the trainer workers during '{what}': {e}" + self._tails()) from None
+
+    async def _name_the_dead(self, what: str) -> None:
+        """A connection broke: give a dying worker a second to be reaped, so that the error says how it ended
+        (a SIGKILLed worker's socket can reset before its exit code is there)."""
+        for _ in range(20):
+            self._check_processes(what)  # raises, naming the rank and its exit code
+            await asyncio.sleep(0.05)
 
     async def call(
         self, command: str, per_rank: list[dict[str, Any]] | None = None, ranks: list[int] | None = None, **kwargs: Any
@@ -252,8 +259,7 @@ class TrainerGroup:
                 for rank in ranks:
                     self._conns[rank].send((command, per_rank[rank] if per_rank is not None else kwargs))
             except OSError as e:
-                await asyncio.sleep(0.2)  # let a dying worker be reaped, so the error can say how it ended
-                self._check_processes(command)
+                await self._name_the_dead(command)
                 self.stop()
                 raise TrainerCrashedError(f"lost the trainer workers during '{command}': {e}" + self._tails()) from None
             return await self._collect(command, ranks)
