@@ -16,11 +16,12 @@ from rollouts import BASE, gather, wait_until
 
 import art_sglang.backend as backend_module
 from art_sglang import DeviceConfig, SGLangBackend, SGLangConfig, TrainerConfig
-from art_sglang.errors import ConfigError
+from art_sglang.errors import ConfigError, SGLangAPIError
 from art_sglang.gateway.upstreams import affinity_key
 from art_sglang.procs import alive, free_port, process_group_members
-from art_sglang.server import ReplicaSet, SGLangClient
+from art_sglang.server import ReplicaClient, ReplicaSet, SGLangClient
 from art_sglang.server.external import check_server_args
+from art_sglang.sync import LoraSync
 from art_sglang.tasks import ONE_WORD_INSTRUCTION, ONE_WORD_QUESTIONS
 from art_sglang.trainer.data import prepare
 
@@ -31,25 +32,76 @@ def question_message(question: str) -> dict[str, str]:
     return {"role": "user", "content": question + ONE_WORD_INSTRUCTION}  # as one_word_rollout sends it
 
 
+def training_sequences(run, groups):
+    """The samples of `groups` as training sequences (on a copy with distinct rewards: none is left out)."""
+    probe = [g.model_copy(deep=True) for g in groups]
+    for group in probe:
+        for i, t in enumerate(group.trajectories):
+            t.reward = float(i)
+    return prepare(probe, run.template).sequences
+
+
+def sampled(s) -> list[float]:
+    """The engine's logprobs of a sequence's sampled tokens, as it returned them."""
+    return [lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m]
+
+
+async def train_under_load(backend, model, groups, learning_rate: float = 1e-3):
+    """`backend.train` while rollouts keep coming: none fails, and each reply carries the sampled logprobs of the
+    policy its label names (the step before, scored by the trainer from its checkpoint, or the new one), so no
+    replica answered as a version it did not hold."""
+    run = backend.model_run(model)
+    previous, stop = run.step, asyncio.Event()
+
+    async def load() -> list:
+        sent = []
+        while not stop.is_set():
+            sent += await gather(model, QUESTIONS[:2], group_size=2, max_tokens=8)
+        return sent
+
+    background = asyncio.create_task(load())
+    try:
+        result = await backend.train(model, groups, learning_rate=learning_rate)
+        await gather(model, QUESTIONS[:2], group_size=2, max_tokens=8)  # the load meets the new policy too
+    finally:
+        stop.set()
+    samples = [t for g in await asyncio.wait_for(background, timeout=300) for t in g.trajectories]
+    labels = (str(result.step), str(previous))
+    by_label = [[t for t in samples if t.metadata["weight_version"] == v] for v in labels]
+    assert len(by_label[0]) + len(by_label[1]) == len(samples)
+    assert by_label[0] and by_label[1], [len(v) for v in by_label]
+    new, old = (training_sequences(run, [art.TrajectoryGroup(ts)]) for ts in by_label)
+    now = await run.trainer.logprobs(new + old)
+    await run.trainer.load_checkpoint(run.checkpoint(previous))
+    before = await run.trainer.logprobs(new + old)
+    await run.trainer.load_checkpoint(run.checkpoint(result.step))
+    labelled = now[: len(new)] + before[len(new) :]  # the policy each sample's label names
+    pairs = zip(new + old, labelled, strict=True)
+    gaps = [max(abs(a - b) for a, b in zip(sampled(s), p, strict=True)) for s, p in pairs]
+    assert max(gaps) < 1e-3, gaps
+    # Most samples' two policies differ by more than that tolerance: a wrong label would show.
+    apart = [max(abs(a - b) for a, b in zip(x, y, strict=True)) for x, y in zip(now, before, strict=True)]
+    assert sum(d > 1e-3 for d in apart) > len(apart) / 2, apart
+    return result
+
+
 async def replicas_serve(run, groups) -> list[float]:
     """Each replica's version label, adapters and logprobs against the trainer's, on samples of `groups`: the largest
     |replica - trainer| gap of each replica (scored on each replica directly, not through the router)."""
     sync, client = run.sync, run.client
     assert sorted(client.admitted) == list(range(len(client.replicas)))
-    probe = [g.model_copy(deep=True) for g in groups[:2]]
-    for group in probe:  # every sample a training sequence
-        for i, t in enumerate(group.trajectories):
-            t.reward = float(i)
-    sequences = prepare(probe, run.template).sequences
+    lora = sync.current if isinstance(sync, LoraSync) else None  # `disk`, `restart`: merged weights, no adapter
+    sequences = training_sequences(run, groups[:2])
     trainer = await run.trainer.logprobs(sequences)
     gaps = []
     for replica in client.replicas:
         assert (await replica.model_info())["weight_version"] == str(run.step)
-        assert sorted((await replica.models())[1:]) == sorted(sync.loaded.values())
+        if lora is not None:
+            assert sorted((await replica.models())[1:]) == sorted(sync.loaded.values())
         worst = 0.0
         for s, ours in zip(sequences, trainer, strict=True):
             positions = s.trained_positions()
-            served = await replica.score(s.token_ids, positions[0], lora_path=sync.current)
+            served = await replica.score(s.token_ids, positions[0], lora_path=lora)
             engine = [served[t - positions[0]] for t in positions]
             worst = max(worst, *(abs(a - b) for a, b in zip(engine, ours, strict=True)))
         gaps.append(worst)
@@ -79,7 +131,10 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
             groups = await gather(model, QUESTIONS)
             if step == 1:
                 first = [g.model_copy(deep=True) for g in groups]
-            result = await backend.train(model, groups, learning_rate=2e-4)
+                result = await backend.train(model, groups, learning_rate=2e-4)
+                assert sum(upstreams.sent) == 16, upstreams.sent  # each request sent once
+            else:  # while rollouts keep coming: none fails, none answered by another version than its label's
+                result = await train_under_load(backend, model, groups, learning_rate=2e-4)
             assert result.step == step
             # The new policy is on every replica before anything is routed to it: same label, same adapters, and
             # each serves exactly the trainer's policy.
@@ -89,7 +144,6 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
         # their prompt's prefix on it.
         chosen = [upstreams._sticky[affinity_key({"messages": [question_message(q)]})] for q in QUESTIONS]
         assert sorted(set(chosen)) == [0, 1], chosen
-        assert sum(upstreams.sent) == 2 * 16, upstreams.sent
         assert all(t.metrics["cached_tokens"] > 0 for g in groups for t in g.trajectories[1:])
 
         # SIGKILL one replica while 16 rollouts run: its requests go to the other; nothing fails.
@@ -134,9 +188,114 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
     assert processes and not [p for p in processes if alive(p)]  # the replicas leave nothing behind
 
 
-def test_replicas_refuse_what_they_cannot_do_yet():
-    with pytest.raises(ConfigError, match="replicas take new policies with 'lora' only"):
-        SGLangConfig(replicas=2, weight_sync_method="disk")
+@pytest.mark.parametrize("method", ["disk", "restart"])
+async def test_two_replicas_take_merged_weights_under_load(tmp_path, method):
+    """`disk` (all replicas updated under the gate) and `restart` (a rolling restart, the other replica serving):
+    rollouts sent throughout a step all complete, each carrying the logprobs of the policy its label names; after
+    each step both replicas report it and serve the trainer's policy, also one killed mid-rollout and restarted.
+    (`restart` takes one step: each roll restarts both servers, ~100 s on this CPU.)"""
+    backend = SGLangBackend(
+        path=tmp_path,
+        sglang_config=SGLangConfig(
+            dtype="float32", max_total_tokens=16384, server_timeout=240, replicas=2, weight_sync_method=method
+        ),
+        trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
+    )
+    model = art.TrainableModel(name=f"twins-{method}", run_name="twins", project="tests", base_model=BASE)
+    processes: set[int] = set()
+    try:
+        await model.register(backend)
+        run = backend.model_run(model)
+        replicas, gateway = run.server, run.gateway
+        assert isinstance(replicas, ReplicaSet)
+        for s in replicas.replicas:
+            processes |= process_group_members(s.pid)
+
+        # Step 1 while rollouts keep coming.
+        groups = await gather(model, QUESTIONS)
+        result = await train_under_load(backend, model, groups)
+        assert result.step == 1
+        gaps = await replicas_serve(run, groups)
+        assert all(g < 1e-3 for g in gaps), gaps
+        for s in replicas.replicas:
+            processes |= process_group_members(s.pid)
+
+        # SIGKILL one replica while rollouts run: nothing is lost; it comes back on the current policy.
+        victim = replicas.replicas[0]
+        old_pid = victim.pid
+        rollouts = asyncio.create_task(gather(model, QUESTIONS, max_tokens=24, ignore_eos=True))
+        await wait_until(lambda: gateway.upstreams.busy[0] > 0, what="rollouts on replica 0")
+        os.killpg(old_pid, signal.SIGKILL)
+        groups = await asyncio.wait_for(rollouts, timeout=600)
+        assert sum(len(g.trajectories) for g in groups) == 16
+        assert {t.metadata["weight_version"] for g in groups for t in g.trajectories} == {"1"}
+        await wait_until(
+            lambda: victim.pid not in (None, old_pid) and 0 in run.client.admitted, timeout=400, what="rejoin"
+        )
+        processes |= process_group_members(victim.pid)
+        gaps = await replicas_serve(run, groups)
+        assert all(g < 1e-3 for g in gaps), gaps
+
+        if method == "disk":  # step 2 goes to the other layers directory (the replica restarted above read step 1's)
+            served = run.client.layers[0]
+            result = await backend.train(model, groups, learning_rate=1e-3)
+            assert result.step == 2 and run.restarts == 0
+            gaps = await replicas_serve(run, groups)
+            assert all(g < 1e-3 for g in gaps), gaps
+            assert {Path(served).name, Path(run.client.layers[0]).name} == {"layers-a", "layers-b"}
+        for s in replicas.replicas:  # (`restart` started new ones)
+            processes |= process_group_members(s.pid)
+    finally:
+        await backend.close()
+    assert processes and not [p for p in processes if alive(p)]
+
+
+class FakeServer:
+    """Fake (named as such): a replica that is up, for ReplicaClient's bookkeeping without a server."""
+
+    def __init__(self, port: int) -> None:
+        self.base_url, self.config = f"http://127.0.0.1:{port}", SGLangConfig()
+        self.model_path = self.base_model_path = BASE
+        self.log_path = Path("sglang-0.log")
+
+    def crash_reason(self) -> None:
+        return None
+
+
+class FakeReplica:
+    """Fake: a real server cannot be made to refuse a policy that the other replica takes."""
+
+    def __init__(self) -> None:
+        self.refuse = False
+        self.versions: list[str] = []
+
+    async def update_weight_version(self, version: str) -> None:
+        if self.refuse:
+            raise SGLangAPIError("/update_weight_version", 500, "refused")
+        self.versions.append(version)
+
+
+async def test_a_replica_that_refuses_a_policy_is_taken_out_for_a_restart():
+    replicas = ReplicaSet([FakeServer(1), FakeServer(2)])
+    replicas.client = client = ReplicaClient(replicas.replicas)
+    unused, client.replicas = client.replicas, [FakeReplica(), FakeReplica()]
+    good, bad = client.replicas
+    try:
+        bad.refuse = True
+        await client.update_weight_version("3")  # the step goes on with the replica that took it
+        assert good.versions == ["3"] and client.admitted == {0} and client.version == "3"
+        assert replicas._down(1).startswith("it failed to take the new policy") and replicas._down(0) is None
+        good.refuse = True  # none takes it: the sync fails
+        with pytest.raises(SGLangAPIError, match="refused"):
+            await client.update_weight_version("4")
+    finally:
+        client.replicas = unused
+        await client.aclose()
+
+
+def test_replicas_refuse_what_they_cannot_do():
+    for method in ("lora", "disk", "restart"):  # every sync (servers elsewhere: `lora` only, test_config)
+        assert SGLangConfig(replicas=2, weight_sync_method=method).replicas == 2
     with pytest.raises(ConfigError, match="integer >= 1"):
         SGLangConfig(replicas=0)
     with pytest.raises(ConfigError, match="each takes a free port"):
@@ -162,11 +321,11 @@ async def test_replicas_on_gpus_are_laid_out_by_device_config(tmp_path, monkeypa
         assert server.log_path.name == f"sglang-{i}.log"
 
     model = art.TrainableModel(name="gpus", run_name="gpus", project="tests", base_model=BASE)
-    disk = SGLangBackend(path=tmp_path, device_config=devices, sglang_config=SGLangConfig(weight_sync_method="disk"))
-    with pytest.raises(ConfigError, match="'lora' with 4 SGLang servers") as e:
-        await model.register(disk)
-    assert e.value.field == "weight_sync_method" and not disk._runs
-    await disk.close()
+    fixed = SGLangBackend(path=tmp_path, device_config=devices, sglang_config=SGLangConfig(port=30000))
+    with pytest.raises(ConfigError, match="None with 4 SGLang servers") as e:
+        await model.register(fixed)
+    assert e.value.field == "port" and not fixed._runs
+    await fixed.close()
     await backend.close()
 
 

@@ -334,13 +334,6 @@ def check_servers(cfg: SGLangConfig, count: int) -> None:
     tensor_parallel_size of DeviceConfig.inference_devices)."""
     if count == 1:
         return
-    if cfg.weight_sync_method != "lora":
-        raise ConfigError(
-            "weight_sync_method",
-            cfg.weight_sync_method,
-            f"'lora' with {count} SGLang servers (replicas): replicas take new policies with 'lora' only so far (an "
-            "adapter loaded on every replica before the route flips)",
-        )
     if cfg.port is not None:
         raise ConfigError("port", cfg.port, f"None with {count} SGLang servers (replicas): each takes a free port")
 

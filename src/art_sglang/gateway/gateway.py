@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 _ALL = object()  # wait_idle: every adapter
 
 
+@dataclass(frozen=True)
+class _Upstream:  # wait_replica_drained: one replica
+    index: int
+
+
 class GatewayError(ArtSGLangError):
     """The gateway's own loop did not do what was asked."""
 
@@ -148,13 +153,24 @@ class Gateway:
             self._thread.join(timeout=30)
         self._loop = self._thread = None
 
-    def set_route(self, name: str, step: int, adapter: str | None, older: Mapping[int, str] | None = None) -> None:
+    def set_route(
+        self,
+        name: str,
+        step: int,
+        adapter: str | None,
+        older: Mapping[int, str] | None = None,
+        *,
+        along: Callable[[], None] | None = None,
+    ) -> None:
         """Serve `name` and `name@step` from `adapter` (None: base weights), and each step of `older` from its own
-        adapter (steps leased or still loaded). Any other step of `name` is refused with a 404."""
+        adapter (steps leased or still loaded). Any other step of `name` is refused with a 404. `along` runs in the
+        same step of the gateway's loop (no request is routed between them): a change of the replicas that serve."""
         table: dict[Any, Route] = {k: Route(name, k, a) for k, a in (older or {}).items() if k != step}
         table[step] = table["current"] = Route(name, step, adapter)
 
         def flip() -> None:
+            if along is not None:
+                along()
             self._routes = {**self._routes, name: table}
 
         self._call(flip)
@@ -236,6 +252,10 @@ class Gateway:
         """Wait until no request runs at all; False on timeout."""
         return await self._wait_until_idle(_ALL, timeout)
 
+    async def wait_replica_drained(self, replica: int, timeout: float) -> bool:
+        """Wait until no request runs on upstream `replica`; False on timeout."""
+        return await self._wait_until_idle(_Upstream(replica), timeout)
+
     async def _wait_until_idle(self, adapter: Any, timeout: float) -> bool:
         waiter: tuple[Any, concurrent.futures.Future[None]] = (adapter, concurrent.futures.Future())
 
@@ -255,7 +275,12 @@ class Gateway:
     def _wake_idle_waiters(self) -> None:
         for waiter in list(self._idle_waiters):
             adapter, future = waiter
-            busy = sum(self.in_flight.values()) if adapter is _ALL else self.in_flight[adapter]
+            if adapter is _ALL:
+                busy = sum(self.in_flight.values())
+            elif isinstance(adapter, _Upstream):
+                busy = self.upstreams.busy[adapter.index]
+            else:
+                busy = self.in_flight[adapter]
             if busy <= 0:
                 self._idle_waiters.remove(waiter)
                 if not future.done():

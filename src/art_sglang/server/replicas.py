@@ -2,9 +2,11 @@
 
 The gateway sends each request to one replica (gateway/upstreams.py); what changes the policy goes to every replica
 (`ReplicaClient`), so a version goes live only when every replica has it: the `lora` sync loads the new adapter on
-all, then flips the route. A replica that dies is taken out at once (the gateway sends its cut-off requests to the
-others), restarted in place, given every adapter the others hold and the current version, and only then taken back:
-the syncs never see it go, and the set as a whole never crashes. Servers started elsewhere (server/external.py) are
+all, then flips the route; `disk` updates all under the closed gate; `restart` restarts them one at a time while the
+others serve (`ReplicaSet.roll`). A replica that dies, or that fails to take a new policy while the others took it,
+is taken out at once (the gateway sends its cut-off requests to the others), restarted in place, given the current
+policy (the merged layers, every adapter the others hold, the version) and only then taken back: the syncs never
+see it go, and the set as a whole never crashes. Servers started elsewhere (server/external.py) are
 members too: one that stops answering is taken out the same way and taken back once it answers again; they are
 sent adapters as tensors, since they cannot read this machine's files.
 """
@@ -18,9 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from ..errors import ArtSGLangError, CapabilityError, ServerUnreachableError
+from ..errors import ArtSGLangError, CapabilityError, ServerStartError, ServerUnreachableError
 from .client import SGLangClient
 from .external import ADMIN_TIMEOUT, ExternalServer
 from .process import SGLangServer
@@ -55,6 +57,8 @@ class ReplicaClient(SGLangClient):
         self.admitted: frozenset[int] = frozenset(range(len(replicas)))
         self.by_tensors = any(isinstance(s, ExternalServer) for s in replicas)  # adapters as tensors, not paths
         self.adapters: dict[str, _Load] = {}  # loaded on every admitted replica
+        self.layers: tuple[str, str | None] | None = None  # `disk`: the merged layers (and version) all loaded
+        self.failed: dict[int, str] = {}  # managed replicas that failed to take a policy: the set restarts them
         self.ours: set[str] = set()  # every adapter name this client loaded (others' are left alone)
         self.version: str | None = None
         self._lock = asyncio.Lock()  # a change reaches all admitted replicas before the next begins
@@ -67,12 +71,14 @@ class ReplicaClient(SGLangClient):
     def _first(self) -> SGLangClient:
         return self.replicas[min(self.admitted or {0})]
 
-    async def _on_all(self, call: Callable[[SGLangClient], Awaitable[Any]]) -> list[Any]:
+    async def _on_all(self, call: Callable[[SGLangClient], Awaitable[Any]], *, retake: bool = False) -> list[Any]:
         """`call` on every admitted replica. A replica that died meanwhile is left out (it is given the policy when
-        it is back); any other failure is raised once all have answered."""
+        it is back). `retake` (a call that gives the policy): a replica that fails while another succeeds is taken
+        out and restarted (a server elsewhere: taken back once it answers), and gets the policy then; otherwise a
+        failure is raised once all have answered."""
         chosen = sorted(self.admitted)
         results = await asyncio.gather(*(call(self.replicas[i]) for i in chosen), return_exceptions=True)
-        done = []
+        done, failed = [], []
         for i, r in zip(chosen, results, strict=True):
             server = self.servers[i]
             if isinstance(r, ServerUnreachableError) and isinstance(server, ExternalServer):
@@ -81,8 +87,21 @@ class ReplicaClient(SGLangClient):
                 done.append(r)
             elif server.crash_reason() is not None:
                 self.admitted = self.admitted - {i}
+            elif retake:
+                failed.append((i, r))
             else:
                 raise r
+        if failed and not done:
+            raise failed[0][1]
+        for i, error in failed:
+            why = f"it failed to take the new policy: {error}"
+            log.error("art-sglang: replica %d (%s) %s; restarting it", i, self.servers[i].base_url, why)
+            self.admitted = self.admitted - {i}
+            server = self.servers[i]
+            if isinstance(server, ExternalServer):
+                server.mark_down(why)
+            else:
+                self.failed[i] = why
         if not done:
             raise ServerUnreachableError(
                 "no SGLang server is up: every one is down or restarting (the step is tried again by the next train())"
@@ -124,7 +143,7 @@ class ReplicaClient(SGLangClient):
         async with self._lock:
             self.adapters[name] = load  # first: the caller unloads `name` everywhere if this fails
             self.ours.add(name)
-            return (await self._on_all(call))[0]
+            return (await self._on_all(call, retake=True))[0]
 
     async def unload_lora_adapter(self, name: str) -> dict[str, Any]:
         async with self._lock:
@@ -134,10 +153,38 @@ class ReplicaClient(SGLangClient):
     async def update_weight_version(self, version: str) -> None:
         async with self._lock:
             self.version = version
-            await self._on_all(lambda c: c.update_weight_version(version))
+            await self._on_all(lambda c: c.update_weight_version(version), retake=True)
+
+    async def update_weights_from_disk(
+        self,
+        model_path: str,
+        *,
+        weight_version: str | None = None,
+        flush_cache: bool = True,
+        abort_all_requests: bool = False,
+    ) -> dict[str, Any]:
+        async with self._lock:
+            self.layers = (model_path, weight_version)  # first: a replica that comes back loads these
+            self.version = weight_version if weight_version is not None else self.version
+            results = await self._on_all(
+                lambda c: c.update_weights_from_disk(
+                    model_path,
+                    weight_version=weight_version,
+                    flush_cache=flush_cache,
+                    abort_all_requests=abort_all_requests,
+                ),
+                retake=True,
+            )
+            return results[0]
 
     async def flush_cache(self) -> None:
         await self._on_all(lambda c: c.flush_cache())
+
+    async def pause_generation(self, mode: Any = "abort") -> None:
+        await self._on_all(lambda c: c.pause_generation(mode))
+
+    async def continue_generation(self) -> None:
+        await self._on_all(lambda c: c.continue_generation())
 
     async def release_adapters(self) -> None:
         """Unload every adapter from the servers started elsewhere, which outlive the backend (best effort: one that
@@ -151,27 +198,21 @@ class ReplicaClient(SGLangClient):
                 except Exception as e:  # closing: report it and go on
                     log.warning("art-sglang: could not unload %s from %s: %s", name, self.replicas[i].base_url, e)
 
-    @staticmethod
-    def _unsupported(what: str) -> NoReturn:
-        raise CapabilityError(
-            f"{what} is not available with several SGLang servers or servers=[...] yet: they take new policies with "
-            "weight_sync_method='lora' only."
-        )
-
-    async def pause_generation(self, mode: Any = "abort") -> None:
-        self._unsupported("pause_generation")
-
-    async def update_weights_from_disk(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        self._unsupported("update_weights_from_disk")
-
     async def release_memory_occupation(self, tags: list[str] | None = None) -> None:
-        self._unsupported("release_memory_occupation")
+        raise CapabilityError(
+            "release_memory_occupation is not available with several SGLang servers: shared mode (one GPU for the "
+            "server and the trainer) runs one server."
+        )
 
     # A replica that restarted.
     async def readmit(self, i: int) -> None:
-        """Give replica `i` (just started) every adapter and the version the others hold, then count it in."""
+        """Give replica `i` (just started) the merged layers, every adapter and the version the others hold, then
+        count it in."""
         async with self._lock:
             c = self.replicas[i]
+            if self.layers is not None:  # (`disk`: it started on the base weights)
+                path, version = self.layers
+                await c.update_weights_from_disk(path, weight_version=version, flush_cache=True)
             held = set(await c.models())  # a server started elsewhere may have kept them through an outage
             for name in sorted((held & self.ours) - set(self.adapters)):  # unloaded elsewhere while it was out
                 await c.unload_lora_adapter(name)
@@ -193,7 +234,8 @@ class ReplicaClient(SGLangClient):
 
 
 class ReplicaSet:
-    """SGLang servers of one policy, with SGLangServer's life cycle; `watch` restarts a replica that dies."""
+    """SGLang servers of one policy, with SGLangServer's life cycle; `watch` restarts a replica that dies, `roll`
+    restarts them all on new weights."""
 
     def __init__(self, replicas: list[Replica]) -> None:
         if not replicas:
@@ -201,7 +243,9 @@ class ReplicaSet:
         self.replicas = replicas
         first = replicas[0]
         self.config = first.config
-        self.model_path = first.model_path
+        self.model_path = first.model_path  # the weights requests are served by
+        self._target: tuple[str, str | None] = (first.model_path, None)  # what a replica (re)starts on
+        self._locks = [asyncio.Lock() for _ in replicas]  # one restart of a replica at a time (watch or roll)
         self.base_model_path = first.base_model_path
         self.log_path = first.log_path.with_name("sglang-<i>.log")  # for messages: each replica has its own
         self.client: ReplicaClient | None = None
@@ -261,38 +305,112 @@ class ReplicaSet:
     async def restart(self, model_path: str | Path | None = None, weight_version: str | None = None) -> None:
         """Start again every replica that is down."""
         if model_path is not None:
-            raise CapabilityError("replicas cannot restart on new weights: use weight_sync_method='lora'")
+            raise CapabilityError("replicas take new weights one at a time: ReplicaSet.roll, not restart")
         for i in range(len(self.replicas)):
             await self._restart_replica(i)
+
+    def _down(self, i: int) -> str | None:
+        """Why replica `i` must be restarted (it died, or failed to take a policy), or None."""
+        failed = self.client.failed.get(i) if self.client is not None else None
+        return self.replicas[i].crash_reason() or failed
 
     async def _restart_replica(self, i: int) -> None:
         """Restart replica `i` if it is down, give it the current policy, then take it back. A failure is logged and
         tried again after a pause that doubles up to a minute."""
+        async with self._locks[i]:
+            reason = self._down(i)
+            if reason is None or self._pid is None:
+                return
+            log.error("art-sglang: replica %d (%s) is down (%s); restarting it", i, self.replicas[i].base_url, reason)
+            if await self._start_again(i):
+                self.restarts += 1
+
+    async def _start_again(self, i: int) -> bool:
+        """Stop what is left of replica `i`, start it on the set's weights and take it back if those are served
+        (during a roll, a replica on the new weights waits for the switch). False if it did not start: retried."""
         server, client = self.replicas[i], self.client
         assert client is not None, "start() first"
-        reason = server.crash_reason()
-        if reason is None or self._pid is None:
-            return
         client.admitted = client.admitted - {i}  # first: no new request goes there
-        log.error("art-sglang: replica %d (%s) is down (%s); restarting it", i, server.base_url, reason)
         stopping = asyncio.ensure_future(asyncio.to_thread(server.stop))  # what is left of its process group
         try:
             await asyncio.shield(stopping)
         except asyncio.CancelledError:  # (the set is being stopped) the old tree is gone before this returns
             await stopping
             raise
+        client.failed.pop(i, None)
+        if isinstance(server, SGLangServer):
+            server.model_path, server.weight_version = self._target[0], self._target[1] or server.weight_version
         try:
             await server.start()
-            await client.readmit(i)
+            if isinstance(server, ExternalServer) or server.model_path == self.model_path:
+                await client.readmit(i)
         except Exception as e:
             server.stop()  # down again: the watch tries once more, after a pause
             delay = self._retry_delay.get(i, 2.0)
             self._retry_at[i], self._retry_delay[i] = time.monotonic() + delay, min(60.0, 2 * delay)
             log.error("art-sglang: replica %d could not be restarted (%s); trying again in %.0f s", i, e, delay)
-            return
+            return False
         self._retry_delay.pop(i, None)
-        self.restarts += 1
-        log.warning("art-sglang: replica %d is back, on weight version %s", i, client.version)
+        log.warning("art-sglang: replica %d is back, on weight version %s", i, client.version or server.weight_version)
+        return True
+
+    async def roll(
+        self,
+        model_path: str | Path,
+        version: str,
+        *,
+        drained: Callable[[int], Awaitable[object]],
+        switch: Callable[[Callable[[], None]], None],
+    ) -> None:
+        """Restart every replica on `model_path` (the `restart` sync), the others serving, with no two versions
+        served at once: the first half are restarted one at a time and wait out of the choice; then `switch(flip)`
+        runs `flip` (the old replicas out, the new ones in) where no request is being routed, with the caller's
+        route change; then the others are restarted together, each taken back once up. On weights served already
+        (a step published again) it only restarts the replicas that are not on them.
+
+        `drained(i)` waits for the requests running on replica `i` (or gives up: those cut off are sent again).
+        A replica that dies meanwhile starts on the new weights too. Raises if none of the first half started."""
+        client = self.client
+        assert client is not None, "start() first"
+        target = str(model_path)
+        self._target = (target, version)  # from now on every start, the watch's too, is on these weights
+
+        def on_target() -> frozenset[int]:
+            return frozenset(
+                i for i, s in enumerate(self.replicas) if s.model_path == target and s.crash_reason() is None
+            )
+
+        if self.model_path != target:
+            for i in range((len(self.replicas) + 1) // 2):  # the others serve meanwhile
+                await self._restart_on_target(i, drained)
+            new = on_target()
+            if not new:
+                raise ServerStartError(
+                    f"no SGLang replica started on the weights of version {version}; the others still serve the "
+                    f"old ones (logs: {self.log_path})",
+                    self.log_tail(),
+                )
+
+            def flip() -> None:
+                client.admitted = new
+                self.model_path = target
+
+            switch(flip)
+            log.info("art-sglang: replicas %s serve version %s; restarting the others", sorted(new), version)
+        rest = [i for i in range(len(self.replicas)) if i not in client.admitted]
+        await asyncio.gather(*(self._restart_on_target(i, drained) for i in rest))
+
+    async def _restart_on_target(self, i: int, drained: Callable[[int], Awaitable[object]]) -> None:
+        async with self._locks[i]:
+            server, client = self.replicas[i], self.client
+            assert client is not None
+            if server.model_path == self._target[0] and server.crash_reason() is None:
+                if server.model_path == self.model_path and i not in client.admitted:  # (parked, now served)
+                    await client.readmit(i)
+                return
+            client.admitted = client.admitted - {i}
+            await drained(i)
+            await self._start_again(i)
 
     async def watch(self, on_crash: Callable[[int, str], Awaitable[None]], interval: float = 0.5) -> None:
         """Take a replica that dies out of the choice at once and restart it, each in its own task, until the set
@@ -301,8 +419,8 @@ class ReplicaSet:
         try:
             while self._pid is not None and self.client is not None:
                 await asyncio.sleep(interval)
-                for i, s in enumerate(self.replicas):
-                    if s.crash_reason() is None or (i in restarting and not restarting[i].done()):
+                for i in range(len(self.replicas)):
+                    if self._down(i) is None or (i in restarting and not restarting[i].done()):
                         continue
                     self.client.admitted = self.client.admitted - {i}
                     if time.monotonic() >= self._retry_at.get(i, 0.0):

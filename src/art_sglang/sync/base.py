@@ -67,12 +67,12 @@ class WeightSync:
     async def close(self) -> None:
         """Finish background work (adapter unloads)."""
 
-    async def export(self, step: int, changed_only: bool = False) -> tuple[Path, dict[str, float]]:
+    async def export(self, step: int, layers: str | None = None) -> tuple[Path, dict[str, float]]:
         """Merged weights for `step` in the server's dtype, replacing older exports (only read while loading).
-        The changed layers alone go to one directory that every export rewrites in place."""
-        target = self.ctx.merged_root / ("layers" if changed_only else f"step-{step:04d}")
+        `layers`: the changed layers alone, into that directory, which the export rewrites in place."""
+        target = self.ctx.merged_root / (layers or f"step-{step:04d}")
         dtype = None if self.ctx.config.dtype == "auto" else self.ctx.config.dtype
-        stats = await self.ctx.trainer.export_merged(target, changed_only, dtype)
+        stats = await self.ctx.trainer.export_merged(target, layers is not None, dtype)
         for old in self.ctx.merged_root.glob("step-*"):
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)

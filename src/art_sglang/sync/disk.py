@@ -1,7 +1,9 @@
 """`disk`: merged weights through `update_weights_from_disk`, never flushing while requests run.
 
 Only the layers the adapter touches are written and loaded (the server keeps its embeddings and norms; the merged
-layers replace the base ones whole, so this is right on a freshly started server too).
+layers replace the base ones whole, so this is right on a freshly started server too). With several replicas, all
+are updated under the same gate, and the export goes to one of two directories in turn: a replica that restarts
+loads the layers being served (server/replicas.py) while the next step is written to the other.
 
 New requests wait at the gateway. If the server drains within `drain_timeout`, the update flushes the cache
 itself. Otherwise: pause (retract), update without flush, continue, and flush once idle, all before the gate
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import SGLangAPIError
+from ..server import ReplicaClient
 from .base import WeightSync
 
 
@@ -24,7 +27,7 @@ class DiskSync(WeightSync):
 
     async def publish(self, step: int, checkpoint: Path) -> dict[str, float]:
         started = time.monotonic()
-        merged, stats = await self.export(step, changed_only=True)
+        merged, stats = await self.export(step, layers=self._layers_dir())
         exported = time.monotonic()
         ctx = self.ctx
         async with ctx.gateway.closed():
@@ -45,6 +48,13 @@ class DiskSync(WeightSync):
             "export_seconds": stats["export_seconds"],
             "export_bytes": stats["export_bytes"],
         }
+
+    def _layers_dir(self) -> str:
+        client = self.ctx.client
+        if not isinstance(client, ReplicaClient):
+            return "layers"
+        served = Path(client.layers[0]).name if client.layers is not None else None
+        return "layers-b" if served == "layers-a" else "layers-a"
 
     async def _flush_when_idle(self) -> None:
         deadline = time.monotonic() + 10 * self.ctx.drain_timeout

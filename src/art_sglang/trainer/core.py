@@ -240,7 +240,8 @@ class PolicyTrainer:
         self._host: dict[str, torch.Tensor] = {}  # pinned host copies for offloading (GPU only)
         self._packer = TensorPacker()  # the adapter's host memory for the server, reused every step
         self._adapter_names: dict[str, str] | None = None  # PEFT's name of each adapter parameter
-        self._layers_file: LayersFile | None = None  # the `disk` sync's merged layers, rewritten in place
+        # The `disk` sync's merged layers, each file rewritten in place (several replicas use two in turn).
+        self._layers_files: dict[Path, LayersFile] = {}
         self._mode: str | None = None  # "rl" or "sft": what the optimizer's moments were gathered on
         self._reference: tuple[str, dict[str, torch.Tensor]] | None = None  # the KL reference adapter, as loaded
 
@@ -597,24 +598,25 @@ class PolicyTrainer:
     def _export_layers(self, target: Path, out_dtype: torch.dtype | None) -> dict[str, float]:
         """The layers the adapter touches, merged, written in place into `target`'s LayersFile."""
         started = time.monotonic()
-        layers = self._checked_layers() if self._layers_file is None else self._adapted_layers()
+        layers = self._adapted_layers() if self._layers_files else self._checked_layers()
         specs = {}
         for name, module in layers.items():
             weight = module.get_base_layer().weight
             specs[name] = (out_dtype or weight.dtype, tuple(weight.shape))
         path = target / "model.safetensors"
-        if self._layers_file is None or not self._layers_file.fits(path, specs):
+        file = self._layers_files.get(path)
+        if file is None or not file.fits(path, specs):
             target.mkdir(parents=True, exist_ok=True)
             shutil.copy2(Path(self.settings.base_model) / "config.json", target / "config.json")
-            self._layers_file = LayersFile(path, specs)
+            file = self._layers_files[path] = LayersFile(path, specs)
         for name, module in layers.items():
             weight, delta = _weight_and_delta(module)
-            view = self._layers_file.views[name]
+            view = file.views[name]
             if view.dtype == weight.dtype and weight.device.type == "cpu":
                 torch.add(weight, delta, out=view)
             else:
                 view.copy_(weight + delta)
-        return {"export_seconds": time.monotonic() - started, "export_bytes": float(self._layers_file.nbytes)}
+        return {"export_seconds": time.monotonic() - started, "export_bytes": float(file.nbytes)}
 
     # -- memory -----------------------------------------------------------------------------------------
     def offload(self) -> dict[str, float]:
