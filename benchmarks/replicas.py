@@ -1,11 +1,13 @@
-"""1 vs 2 SGLang replicas on a GRPO workload: rollout throughput, prefix-cache reuse, and the `lora` sync's time.
+"""1 vs 2 SGLang replicas on a GRPO workload: rollout throughput, prefix-cache reuse, and the sync's time.
 
 For each replica count, a real SGLangBackend on SmolLM2-135M-Instruct (CPU, each replica one thread) runs rounds of
 GRPO rollouts through ART's client (8 prompts x 4 samples, 24 tokens each, the one-word task's prompts), takes one
-RL step (whose `lora` sync loads the adapter on every replica before the route flips), and runs the rounds again on
-the new policy. Same seed, prompts and settings for both; the replica count is the only difference.
+RL step (`--method lora`: the adapter loaded on every replica before the route flips; `disk`: the merged layers on
+every replica under the gate; `restart`: a rolling restart), and runs the rounds again on the new policy. Same seed,
+prompts and settings for both; the replica count is the only difference.
 
     .venv/bin/python benchmarks/replicas.py --out docs/results/replicas_cpu.json
+    .venv/bin/python benchmarks/replicas.py --method restart --rounds 1 --out docs/results/replicas_restart_cpu.json
 """
 
 from __future__ import annotations
@@ -66,7 +68,13 @@ async def rounds(
 async def measure(replicas: int, args: argparse.Namespace) -> dict[str, object]:
     backend = SGLangBackend(
         path=tempfile.mkdtemp(prefix=f"replicas-{replicas}-"),
-        sglang_config=SGLangConfig(dtype="float32", max_total_tokens=16384, server_timeout=300, replicas=replicas),
+        sglang_config=SGLangConfig(
+            dtype="float32",
+            max_total_tokens=16384,
+            server_timeout=300,
+            replicas=replicas,
+            weight_sync_method=args.method,
+        ),
         trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16, seed=0),
     )
     model = art.TrainableModel(name="bench", run_name=f"r{replicas}", project="bench", base_model=BASE)
@@ -84,7 +92,7 @@ async def measure(replicas: int, args: argparse.Namespace) -> dict[str, object]:
             "before_step": before,
             "after_step": after,
             "sync_seconds": result.metrics["time/sync_s"],
-            "adapter_load_seconds": result.metrics["sync/adapter_load_seconds"],
+            "sync": {k.removeprefix("sync/"): v for k, v in result.metrics.items() if k.startswith("sync/")},
             "train_seconds": result.metrics["time/train_s"],
             "requests_by_replica": list(run.gateway.upstreams.sent),
         }
@@ -94,6 +102,7 @@ async def measure(replicas: int, args: argparse.Namespace) -> dict[str, object]:
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=["lora", "disk", "restart"], default="lora")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=24)

@@ -338,10 +338,15 @@ class ReplicaSet:
             await stopping
             raise
         client.failed.pop(i, None)
+        if self._pid is None:  # the set was stopped meanwhile: start nothing
+            return False
         if isinstance(server, SGLangServer):
             server.model_path, server.weight_version = self._target[0], self._target[1] or server.weight_version
         try:
             await server.start()
+            if self._pid is None:
+                server.stop()
+                return False
             if isinstance(server, ExternalServer) or server.model_path == self.model_path:
                 await client.readmit(i)
         except Exception as e:
