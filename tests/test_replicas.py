@@ -66,6 +66,8 @@ async def train_under_load(backend, model, groups, learning_rate: float = 1e-3):
     finally:
         stop.set()
     samples = [t for g in await asyncio.wait_for(background, timeout=300) for t in g.trajectories]
+    for t in samples:  # the gateway's label (the route) is the engine's (the replica's own weights' version)
+        assert str(t.messages_and_choices[-1].model_extra["weight_version"]) == t.metadata["weight_version"]
     labels = (str(result.step), str(previous))
     by_label = [[t for t in samples if t.metadata["weight_version"] == v] for v in labels]
     assert len(by_label[0]) + len(by_label[1]) == len(samples)
@@ -214,7 +216,7 @@ async def test_two_replicas_take_merged_weights_under_load(tmp_path, method):
         # Step 1 while rollouts keep coming.
         groups = await gather(model, QUESTIONS)
         result = await train_under_load(backend, model, groups)
-        assert result.step == 1
+        assert result.step == 1 and replicas.restarts == 0  # (a roll's restarts are not crashes)
         gaps = await replicas_serve(run, groups)
         assert all(g < 1e-3 for g in gaps), gaps
         for s in replicas.replicas:
@@ -232,6 +234,7 @@ async def test_two_replicas_take_merged_weights_under_load(tmp_path, method):
         await wait_until(
             lambda: victim.pid not in (None, old_pid) and 0 in run.client.admitted, timeout=400, what="rejoin"
         )
+        assert replicas.restarts == 1
         processes |= process_group_members(victim.pid)
         gaps = await replicas_serve(run, groups)
         assert all(g < 1e-3 for g in gaps), gaps
@@ -288,6 +291,7 @@ async def test_a_replica_that_refuses_a_policy_is_taken_out_for_a_restart():
         good.refuse = True  # none takes it: the sync fails
         with pytest.raises(SGLangAPIError, match="refused"):
             await client.update_weight_version("4")
+        assert client.version == "3"  # what the replicas hold: a replica that comes back gets that
     finally:
         client.replicas = unused
         await client.aclose()

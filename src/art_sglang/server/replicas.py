@@ -152,8 +152,12 @@ class ReplicaClient(SGLangClient):
 
     async def update_weight_version(self, version: str) -> None:
         async with self._lock:
-            self.version = version
-            await self._on_all(lambda c: c.update_weight_version(version), retake=True)
+            previous, self.version = self.version, version
+            try:
+                await self._on_all(lambda c: c.update_weight_version(version), retake=True)
+            except BaseException:  # no replica took it: a replica that comes back gets what the others hold
+                self.version = previous
+                raise
 
     async def update_weights_from_disk(
         self,
@@ -164,17 +168,22 @@ class ReplicaClient(SGLangClient):
         abort_all_requests: bool = False,
     ) -> dict[str, Any]:
         async with self._lock:
-            self.layers = (model_path, weight_version)  # first: a replica that comes back loads these
+            previous = self.layers, self.version
+            self.layers = (model_path, weight_version)  # first: a replica restarted for failing it loads these
             self.version = weight_version if weight_version is not None else self.version
-            results = await self._on_all(
-                lambda c: c.update_weights_from_disk(
-                    model_path,
-                    weight_version=weight_version,
-                    flush_cache=flush_cache,
-                    abort_all_requests=abort_all_requests,
-                ),
-                retake=True,
-            )
+            try:
+                results = await self._on_all(
+                    lambda c: c.update_weights_from_disk(
+                        model_path,
+                        weight_version=weight_version,
+                        flush_cache=flush_cache,
+                        abort_all_requests=abort_all_requests,
+                    ),
+                    retake=True,
+                )
+            except BaseException:  # no replica took them
+                self.layers, self.version = previous
+                raise
             return results[0]
 
     async def flush_cache(self) -> None:
@@ -205,9 +214,10 @@ class ReplicaClient(SGLangClient):
         )
 
     # A replica that restarted.
-    async def readmit(self, i: int) -> None:
+    async def readmit(self, i: int, serves: Callable[[], bool] = lambda: True) -> None:
         """Give replica `i` (just started) the merged layers, every adapter and the version the others hold, then
-        count it in."""
+        count it in if `serves()` still holds (checked in the same step as the admission: a rolling restart's switch
+        may have come meanwhile)."""
         async with self._lock:
             c = self.replicas[i]
             if self.layers is not None:  # (`disk`: it started on the base weights)
@@ -230,7 +240,8 @@ class ReplicaClient(SGLangClient):
                     await c.load_lora_adapter_from_tensors(name, load.config, load.tensors)
             if self.version is not None:
                 await c.update_weight_version(self.version)
-            self.admitted = self.admitted | {i}
+            if serves():
+                self.admitted = self.admitted | {i}
 
 
 class ReplicaSet:
@@ -245,6 +256,8 @@ class ReplicaSet:
         self.config = first.config
         self.model_path = first.model_path  # the weights requests are served by
         self._target: tuple[str, str | None] = (first.model_path, None)  # what a replica (re)starts on
+        self._roll = 0  # rolling restarts begun; `_started_in[i]`: the one during which replica i last started
+        self._started_in: dict[int, int] = {}
         self._locks = [asyncio.Lock() for _ in replicas]  # one restart of a replica at a time (watch or roll)
         self.base_model_path = first.base_model_path
         self.log_path = first.log_path.with_name("sglang-<i>.log")  # for messages: each replica has its own
@@ -309,6 +322,11 @@ class ReplicaSet:
         for i in range(len(self.replicas)):
             await self._restart_replica(i)
 
+    def _serves(self, i: int) -> bool:
+        """Whether replica `i` runs the weights requests are routed to (a server elsewhere: always)."""
+        server = self.replicas[i]
+        return isinstance(server, ExternalServer) or server.model_path == self.model_path
+
     def _down(self, i: int) -> str | None:
         """Why replica `i` must be restarted (it died, or failed to take a policy), or None."""
         failed = self.client.failed.get(i) if self.client is not None else None
@@ -342,15 +360,15 @@ class ReplicaSet:
             return False
         if isinstance(server, SGLangServer):
             server.model_path, server.weight_version = self._target[0], self._target[1] or server.weight_version
+        self._started_in[i] = self._roll
         try:
             await server.start()
             if self._pid is None:
-                server.stop()
+                await asyncio.to_thread(server.stop)
                 return False
-            if isinstance(server, ExternalServer) or server.model_path == self.model_path:
-                await client.readmit(i)
+            await client.readmit(i, serves=lambda: self._serves(i))
         except Exception as e:
-            server.stop()  # down again: the watch tries once more, after a pause
+            await asyncio.to_thread(server.stop)  # down again: the watch tries once more, after a pause
             delay = self._retry_delay.get(i, 2.0)
             self._retry_at[i], self._retry_delay[i] = time.monotonic() + delay, min(60.0, 2 * delay)
             log.error("art-sglang: replica %d could not be restarted (%s); trying again in %.0f s", i, e, delay)
@@ -371,30 +389,35 @@ class ReplicaSet:
         served at once: the first half are restarted one at a time and wait out of the choice; then `switch(flip)`
         runs `flip` (the old replicas out, the new ones in) where no request is being routed, with the caller's
         route change; then the others are restarted together, each taken back once up. On weights served already
-        (a step published again) it only restarts the replicas that are not on them.
+        (a step published again) it restarts only the replicas out of the choice.
 
         `drained(i)` waits for the requests running on replica `i` (or gives up: those cut off are sent again).
         A replica that dies meanwhile starts on the new weights too. Raises if none of the first half started."""
         client = self.client
         assert client is not None, "start() first"
-        target = str(model_path)
-        self._target = (target, version)  # from now on every start, the watch's too, is on these weights
+        target, previous = str(model_path), self._target
+        # From now on every start, the watch's too, is on these weights; a replica counts as on them only if it
+        # started during this roll (a step tried again may be exported to the same directory with other weights).
+        self._target, self._roll = (target, version), self._roll + 1
 
-        def on_target() -> frozenset[int]:
-            return frozenset(
-                i for i, s in enumerate(self.replicas) if s.model_path == target and s.crash_reason() is None
-            )
+        def fresh(i: int) -> bool:
+            up = self.replicas[i].crash_reason() is None and not self._locks[i].locked()  # (not still starting)
+            return up and self._started_in.get(i) == self._roll
 
         if self.model_path != target:
-            for i in range((len(self.replicas) + 1) // 2):  # the others serve meanwhile
-                await self._restart_on_target(i, drained)
-            new = on_target()
-            if not new:
-                raise ServerStartError(
-                    f"no SGLang replica started on the weights of version {version}; the others still serve the "
-                    f"old ones (logs: {self.log_path})",
-                    self.log_tail(),
-                )
+            try:
+                for i in range((len(self.replicas) + 1) // 2):  # the others serve meanwhile
+                    await self._restart_on_target(i, drained)
+                new = frozenset(i for i in range(len(self.replicas)) if fresh(i))
+                if not new:
+                    raise ServerStartError(
+                        f"no SGLang replica started on the weights of version {version}; the others still serve "
+                        f"the old ones (logs: {self.log_path})",
+                        self.log_tail(),
+                    )
+            except BaseException:
+                self._target = previous  # a replica that dies now starts on what is served
+                raise
 
             def flip() -> None:
                 client.admitted = new
@@ -409,9 +432,13 @@ class ReplicaSet:
         async with self._locks[i]:
             server, client = self.replicas[i], self.client
             assert client is not None
-            if server.model_path == self._target[0] and server.crash_reason() is None:
-                if server.model_path == self.model_path and i not in client.admitted:  # (parked, now served)
-                    await client.readmit(i)
+            if server.crash_reason() is None and self._started_in.get(i) == self._roll:  # (the watch started it)
+                if i not in client.admitted:
+                    try:
+                        await client.readmit(i, serves=lambda: self._serves(i))
+                    except Exception as e:
+                        log.error("art-sglang: replica %d could not be taken back (%s); restarting it", i, e)
+                        await asyncio.to_thread(server.stop)  # the watch starts it again
                 return
             client.admitted = client.admitted - {i}
             await drained(i)

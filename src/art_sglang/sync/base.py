@@ -73,7 +73,10 @@ class WeightSync:
         target = self.ctx.merged_root / (layers or f"step-{step:04d}")
         dtype = None if self.ctx.config.dtype == "auto" else self.ctx.config.dtype
         stats = await self.ctx.trainer.export_merged(target, layers is not None, dtype)
+        keep = {target}
+        if isinstance(self.ctx.server, ReplicaSet):  # a replica that dies before the next roll restarts on it
+            keep.add(Path(self.ctx.server.model_path))
         for old in self.ctx.merged_root.glob("step-*"):
-            if old != target:
+            if old not in keep:
                 shutil.rmtree(old, ignore_errors=True)
         return target, stats
