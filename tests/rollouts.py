@@ -34,19 +34,33 @@ async def gather(model, questions, group_size=4, **kwargs):
     )
 
 
+def training_sequences(run, groups):
+    """The samples of `groups` as training sequences (on a copy with distinct rewards: none is left out, even once
+    a group's rewards are all equal)."""
+    probe = [g.model_copy(deep=True) for g in groups]
+    for group in probe:
+        for i, t in enumerate(group.trajectories):
+            t.reward = float(i)
+    return prepare(probe, run.template).sequences
+
+
+def sampled(s) -> list[float]:
+    """The engine's logprobs of a sequence's sampled tokens, as it returned them (what the trainer's logprobs of the
+    same sequence are compared with)."""
+    return [lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m]
+
+
 async def served_gap(backend, model, questions: int = 4) -> tuple[float, float]:
     """Mean and max |engine - trainer| logprob over fresh samples: ~0 only when the server serves exactly the
     policy the trainer holds (what proves a sync, rather than a version label)."""
     run = backend.model_run(model)
     trajectories = [await rollout(model, q, max_tokens=12) for q in ONE_WORD_QUESTIONS[:questions]]
-    for i, trajectory in enumerate(trajectories):
-        trajectory.reward = float(i)  # distinct: every sample is a training sequence
-    sequences = prepare([art.TrajectoryGroup(trajectories)], run.template).sequences
+    sequences = training_sequences(run, [art.TrajectoryGroup(trajectories)])
     trainer = await run.trainer.logprobs(sequences)
     gaps = [
         abs(engine - ours)
         for s, lps in zip(sequences, trainer, strict=True)
-        for engine, ours in zip([lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m], lps, strict=True)
+        for engine, ours in zip(sampled(s), lps, strict=True)
     ]
     return sum(gaps) / len(gaps), max(gaps)
 

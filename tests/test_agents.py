@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 from art_compat import History
-from rollouts import BASE
+from rollouts import BASE, sampled
 
 from art_sglang import SGLangBackend, SGLangConfig, TrainerConfig
 from art_sglang.trainer.data import engine_ids, prepare
@@ -154,7 +154,7 @@ async def logprob_gaps(run, groups) -> list[float]:
     return [
         abs(engine - ours)
         for s, lps in zip(sequences, trainer, strict=True)
-        for engine, ours in zip([lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m], lps, strict=True)
+        for engine, ours in zip(sampled(s), lps, strict=True)
     ]
 
 

@@ -7,11 +7,10 @@ import asyncio
 import art
 import openai
 import pytest
-from rollouts import BASE, gather, make_backend, rollout, served_gap
+from rollouts import BASE, gather, make_backend, rollout, sampled, served_gap, training_sequences
 
 from art_sglang import ArtSGLangError, ModelNotFoundError
 from art_sglang.tasks import ONE_WORD_QUESTIONS
-from art_sglang.trainer.data import prepare
 
 STEPS = 6
 
@@ -45,18 +44,12 @@ async def trained(art_path):
                 run = backend.model_run(model)
                 # Every sample a training sequence (distinct rewards on a copy): once the policy has learned, a
                 # group's rewards can all be equal, and such groups are not trained on.
-                probe = [g.model_copy(deep=True) for g in groups]
-                for group in probe:
-                    for i, trajectory in enumerate(group.trajectories):
-                        trajectory.reward = float(i)
-                seqs = prepare(probe, run.template).sequences
+                seqs = training_sequences(run, groups)
                 trainer_lps = await run.trainer.logprobs(seqs)
                 diffs = [
                     abs(a - b)
                     for s, lps in zip(seqs, trainer_lps, strict=True)
-                    for a, b in zip(
-                        [lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m], lps, strict=True
-                    )
+                    for a, b in zip(sampled(s), lps, strict=True)
                 ]
                 record["logprob_gap"] = sum(diffs) / len(diffs)
             # As ART users write it: a checkpoint every third step (1 and 4); the newest step's is kept regardless.

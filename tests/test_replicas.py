@@ -12,7 +12,7 @@ from pathlib import Path
 
 import art
 import pytest
-from rollouts import BASE, gather, wait_until
+from rollouts import BASE, gather, sampled, training_sequences, wait_until
 
 import art_sglang.backend as backend_module
 from art_sglang import DeviceConfig, SGLangBackend, SGLangConfig, TrainerConfig
@@ -30,20 +30,6 @@ QUESTIONS = ONE_WORD_QUESTIONS[:4]
 
 def question_message(question: str) -> dict[str, str]:
     return {"role": "user", "content": question + ONE_WORD_INSTRUCTION}  # as one_word_rollout sends it
-
-
-def training_sequences(run, groups):
-    """The samples of `groups` as training sequences (on a copy with distinct rewards: none is left out)."""
-    probe = [g.model_copy(deep=True) for g in groups]
-    for group in probe:
-        for i, t in enumerate(group.trajectories):
-            t.reward = float(i)
-    return prepare(probe, run.template).sequences
-
-
-def sampled(s) -> list[float]:
-    """The engine's logprobs of a sequence's sampled tokens, as it returned them."""
-    return [lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m]
 
 
 async def train_under_load(backend, model, groups, learning_rate: float = 1e-3):
@@ -180,10 +166,7 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
         # mean rewards are too noisy to compare: 0.44, 0.29, 0.37 in one run; test_backend checks the reward rise.)
         sequences = prepare(first, run.template).sequences
         now = await run.trainer.logprobs(sequences)
-        moved = sum(
-            s.advantage * (sum(lps) - sum(lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m))
-            for s, lps in zip(sequences, now, strict=True)
-        )
+        moved = sum(s.advantage * (sum(lps) - sum(sampled(s))) for s, lps in zip(sequences, now, strict=True))
         assert sequences and moved > 0, moved
     finally:
         await backend.close()
