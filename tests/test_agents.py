@@ -22,6 +22,10 @@ import art
 import httpx
 import openai
 import pytest
+from art.preprocessing.policy_spans import (
+    validate_complete_policy_token_spans,
+    validate_complete_prompt_policy_token_spans,
+)
 from art_compat import History
 from rollouts import BASE, sampled
 
@@ -123,6 +127,11 @@ def trained_turns_are_exact(groups, template) -> tuple[int, int]:
             for items in histories:
                 for k, item in enumerate(i for i in items if hasattr(i, "logprobs")):
                     prompt, sampled = engine_ids(item)
+                    # ART's own checks of the policy spans PipelineTrainer reads: each covers its part whole
+                    validate_complete_policy_token_spans(item, completion_tokens=len(sampled))
+                    validate_complete_prompt_policy_token_spans(item, prompt_tokens=len(prompt))
+                    spans = item.model_extra["policy_token_spans"]
+                    assert [span["policy_version"] for span in spans] == [item.model_extra["weight_version"]]
                     whole = prompt + sampled
                     found = [s for s in prepared.sequences if s.token_ids[: len(whole)] == whole]
                     assert found, f"turn {k}: no training sequence holds its engine prompt and sampled ids"

@@ -4,7 +4,7 @@ It runs an aiohttp server on its own thread and event loop, so a busy user loop 
 - `model` (`name@step` or `name`) is looked up in the routing table: which adapter (or the base weights) serves
   that policy now. A step is served only by its own weights: the newest, or an older one still loaded (leased);
   any other step, and unknown names, get a 404 that says why. Each choice carries `weight_version`, the step that
-  sampled it. SGLang's own request fields are dropped.
+  sampled it (a chat choice also ART's `policy_token_spans`). SGLang's own request fields are dropped.
 - a chat prompt is rendered here, token-exact: earlier replies of the conversation are sent as the ids the engine
   sampled (replies.py), the rest with the chat template; the engine gets the ids (`input_ids`).
 - logprobs are forced on; each Choice carries the engine's `prompt_token_ids` and sampled `token_ids` (as vLLM's
@@ -42,7 +42,16 @@ from aiohttp import web
 from ..chat import ChatTemplate, TemplateError, token_id_from_bytes
 from ..errors import ArtSGLangError
 from .replies import Prompt, ReplyLog
-from .responses import StreamedChoice, exact_choice, logits_modified, renderable, sanitize, set_logprobs, sse_error
+from .responses import (
+    StreamedChoice,
+    exact_choice,
+    logits_modified,
+    policy_spans,
+    renderable,
+    sanitize,
+    set_logprobs,
+    sse_error,
+)
 from .triage import CrashTriage, Ticket
 from .upstreams import Upstreams, affinity_key
 from .warmup import PrefixWarmup, probe_body
@@ -550,6 +559,7 @@ class Gateway:
                 if prompt is not None and engine_prompt != prompt.ids:
                     log.warning("gateway: the engine reports a prompt other than the ids it was sent")
                 exact_choice(choice, engine_prompt)
+                policy_spans(choice, route.model, route.version)
             if rescore:
                 await asyncio.gather(*(self._rescore(url, choice, route) for choice in choices))
                 self.counters[route.model, route.version]["rescored_requests"] += 1

@@ -93,6 +93,19 @@ def exact_choice(choice: dict[str, Any], prompt_ids: list[int]) -> list[int]:
     return ids
 
 
+def policy_spans(choice: dict[str, Any], model: str, version: int) -> None:
+    """Stamp which policy produced a chat Choice in the fields ART 0.5.23 reads: `policy_token_spans` over the
+    completion, `prompt_policy_token_spans` over the prompt's scored tokens (from the second). One span each: a
+    request runs on one route from start to end. PipelineTrainer refuses an eval whose choices lack them."""
+    completion, prompt = len(choice["token_ids"]), len(choice["prompt_token_ids"])
+    if not completion:  # as ART's own: no span for no tokens
+        return
+    name = f"{model}@{version}"
+    policy = {"generation_id": name, "policy_version": version, "lora_slot": name, "update_seq": version}
+    choice["policy_token_spans"] = [{"start_token": 0, "end_token": completion, **policy}]
+    choice["prompt_policy_token_spans"] = [{"start_token": 1, "end_token": prompt, **policy}] if prompt > 1 else []
+
+
 def set_logprobs(choice: dict[str, Any], logprobs: list[float]) -> None:
     for entry, logprob in zip(choice["logprobs"]["content"], logprobs, strict=True):
         entry["logprob"] = logprob
