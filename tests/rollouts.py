@@ -44,10 +44,20 @@ def training_sequences(run, groups):
     return prepare(probe, run.template).sequences
 
 
-def sampled(s) -> list[float]:
+def engine_logprobs(s) -> list[float]:
     """The engine's logprobs of a sequence's sampled tokens, as it returned them (what the trainer's logprobs of the
     same sequence are compared with)."""
     return [lp for lp, m in zip(s.logprobs[1:], s.mask[1:], strict=True) if m]
+
+
+async def logprob_gaps(run, sequences) -> list[float]:
+    """|engine - trainer| for each sampled token of `sequences`, the trainer scoring with the policy it holds now."""
+    trainer = await run.trainer.logprobs(sequences)
+    return [
+        abs(engine - ours)
+        for s, lps in zip(sequences, trainer, strict=True)
+        for engine, ours in zip(engine_logprobs(s), lps, strict=True)
+    ]
 
 
 async def served_gap(backend, model, questions: int = 4) -> tuple[float, float]:
@@ -55,13 +65,7 @@ async def served_gap(backend, model, questions: int = 4) -> tuple[float, float]:
     policy the trainer holds (what proves a sync, rather than a version label)."""
     run = backend.model_run(model)
     trajectories = [await rollout(model, q, max_tokens=12) for q in ONE_WORD_QUESTIONS[:questions]]
-    sequences = training_sequences(run, [art.TrajectoryGroup(trajectories)])
-    trainer = await run.trainer.logprobs(sequences)
-    gaps = [
-        abs(engine - ours)
-        for s, lps in zip(sequences, trainer, strict=True)
-        for engine, ours in zip(sampled(s), lps, strict=True)
-    ]
+    gaps = await logprob_gaps(run, training_sequences(run, [art.TrajectoryGroup(trajectories)]))
     return sum(gaps) / len(gaps), max(gaps)
 
 

@@ -27,7 +27,7 @@ from art.preprocessing.policy_spans import (
     validate_complete_prompt_policy_token_spans,
 )
 from art_compat import History
-from rollouts import BASE, sampled
+from rollouts import BASE, logprob_gaps
 
 from art_sglang import SGLangBackend, SGLangConfig, TrainerConfig
 from art_sglang.trainer.data import engine_ids, prepare
@@ -157,16 +157,6 @@ def history_breaks(trajectory, template) -> list[str]:
     return breaks
 
 
-async def logprob_gaps(run, groups) -> list[float]:
-    sequences = prepare(groups, run.template).sequences
-    trainer = await run.trainer.logprobs(sequences)
-    return [
-        abs(engine - ours)
-        for s, lps in zip(sequences, trainer, strict=True)
-        for engine, ours in zip(sampled(s), lps, strict=True)
-    ]
-
-
 @pytest.fixture(scope="module")
 async def agent(tmp_path_factory):
     model = art.TrainableModel(name="agent", run_name="agent", project="tests", base_model=BASE)
@@ -224,7 +214,8 @@ async def test_every_trained_turn_is_in_the_engines_context(rollouts, agent):
 @pytest.mark.parametrize("name", ["nucleus", "full", "n4"])
 async def test_engine_logprobs_are_the_policys(rollouts, agent, name):
     # Constrained turns (regex) are scored again without the grammar; every sampled token counts here.
-    gaps = await logprob_gaps(agent[2], [rollouts[name]])
+    run = agent[2]
+    gaps = await logprob_gaps(run, prepare([rollouts[name]], run.template).sequences)
     assert len(gaps) > 100
     assert sum(gaps) / len(gaps) < 1e-3 and max(gaps) < 1e-2, (sum(gaps) / len(gaps), max(gaps))
 

@@ -7,7 +7,7 @@ import asyncio
 import art
 import openai
 import pytest
-from rollouts import BASE, gather, make_backend, rollout, sampled, served_gap, training_sequences
+from rollouts import BASE, gather, logprob_gaps, make_backend, rollout, served_gap, training_sequences
 
 from art_sglang import ArtSGLangError, ModelNotFoundError
 from art_sglang.tasks import ONE_WORD_QUESTIONS
@@ -44,13 +44,7 @@ async def trained(art_path):
                 run = backend.model_run(model)
                 # Every sample a training sequence (distinct rewards on a copy): once the policy has learned, a
                 # group's rewards can all be equal, and such groups are not trained on.
-                seqs = training_sequences(run, groups)
-                trainer_lps = await run.trainer.logprobs(seqs)
-                diffs = [
-                    abs(a - b)
-                    for s, lps in zip(seqs, trainer_lps, strict=True)
-                    for a, b in zip(sampled(s), lps, strict=True)
-                ]
+                diffs = await logprob_gaps(run, training_sequences(run, groups))
                 record["logprob_gap"] = sum(diffs) / len(diffs)
             # As ART users write it: a checkpoint every third step (1 and 4); the newest step's is kept regardless.
             result = await backend.train(model, groups, learning_rate=2e-4, save_checkpoint=step % 3 == 0)

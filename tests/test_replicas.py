@@ -12,7 +12,7 @@ from pathlib import Path
 
 import art
 import pytest
-from rollouts import BASE, gather, sampled, training_sequences, wait_until
+from rollouts import BASE, engine_logprobs, gather, training_sequences, wait_until
 
 import art_sglang.backend as backend_module
 from art_sglang import DeviceConfig, SGLangBackend, SGLangConfig, TrainerConfig
@@ -65,7 +65,7 @@ async def train_under_load(backend, model, groups, learning_rate: float = 1e-3):
     await run.trainer.load_checkpoint(run.checkpoint(result.step))
     labelled = now[: len(new)] + before[len(new) :]  # the policy each sample's label names
     pairs = zip(new + old, labelled, strict=True)
-    gaps = [max(abs(a - b) for a, b in zip(sampled(s), p, strict=True)) for s, p in pairs]
+    gaps = [max(abs(a - b) for a, b in zip(engine_logprobs(s), p, strict=True)) for s, p in pairs]
     assert max(gaps) < 1e-3, gaps
     # Most samples' two policies differ by more than that tolerance: a wrong label would show.
     apart = [max(abs(a - b) for a, b in zip(x, y, strict=True)) for x, y in zip(now, before, strict=True)]
@@ -166,7 +166,7 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
         # mean rewards are too noisy to compare: 0.44, 0.29, 0.37 in one run; test_backend checks the reward rise.)
         sequences = prepare(first, run.template).sequences
         now = await run.trainer.logprobs(sequences)
-        moved = sum(s.advantage * (sum(lps) - sum(sampled(s))) for s, lps in zip(sequences, now, strict=True))
+        moved = sum(s.advantage * (sum(lps) - sum(engine_logprobs(s))) for s, lps in zip(sequences, now, strict=True))
         assert sequences and moved > 0, moved
     finally:
         await backend.close()
