@@ -37,20 +37,21 @@ async def train_under_load(backend, model, groups, learning_rate: float = 1e-3):
     policy its label names (the step before, scored by the trainer from its checkpoint, or the new one), so no
     replica answered as a version it did not hold."""
     run = backend.model_run(model)
-    previous, stop = run.step, asyncio.Event()
+    previous, trained = run.step, asyncio.Event()
 
     async def load() -> list:
         sent = []
-        while not stop.is_set():
+        while True:
+            last = trained.is_set()  # a batch begun after the step returned meets the new policy
             sent += await gather(model, QUESTIONS[:2], group_size=2, max_tokens=8)
-        return sent
+            if last:
+                return sent
 
     background = asyncio.create_task(load())
     try:
         result = await backend.train(model, groups, learning_rate=learning_rate)
-        await gather(model, QUESTIONS[:2], group_size=2, max_tokens=8)  # the load meets the new policy too
     finally:
-        stop.set()
+        trained.set()
     samples = [t for g in await asyncio.wait_for(background, timeout=300) for t in g.trajectories]
     for t in samples:  # the gateway's label (the route) is the engine's (the replica's own weights' version)
         assert str(t.messages_and_choices[-1].model_extra["weight_version"]) == t.metadata["weight_version"]
