@@ -6,7 +6,7 @@
 # Each venv is built once per requirements hash under $ART_SGLANG_CACHE (default ~/.cache/art-sglang)
 # and linked into the checkout, so a fresh clone on a ready machine is set up in seconds.
 # Without a GPU the server gets the CPU recipe (requirements/sglang-server-cpu*.txt);
-# with one, a current sglang release.
+# with one, the pinned GPU release (requirements/sglang-server-gpu.txt).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -70,7 +70,7 @@ venv_for() {
 
 install_server() {
   if [ "$gpu" = 1 ]; then
-    pip_in "$1" "sglang[srt]"
+    pip_in "$1" -r "$root/requirements/sglang-server-gpu.txt"  # one pinned release, never the newest
   else
     pip_in "$1" -r "$root/requirements/sglang-server-cpu.txt"
     pip_in "$1" --no-deps -r "$root/requirements/sglang-server-cpu-sglang.txt"
@@ -88,7 +88,11 @@ install_trainer() {
 
 key_of() { cat "$@" | sha256sum | cut -c1-12; }
 
-server_key=$(key_of "$root/requirements/sglang-server-cpu.txt" "$root/requirements/sglang-server-cpu-sglang.txt")
+if [ "$gpu" = 1 ]; then
+  server_key=$(key_of "$root/requirements/sglang-server-gpu.txt")
+else
+  server_key=$(key_of "$root/requirements/sglang-server-cpu.txt" "$root/requirements/sglang-server-cpu-sglang.txt")
+fi
 trainer_key=$(key_of "$root/requirements/trainer.txt")
 venv_for sglang-server .venv-sglang-server "$server_key" install_server "$server_py"
 venv_for trainer .venv "$trainer_key" install_trainer "$trainer_py"

@@ -17,9 +17,7 @@ BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 def make_backend(path, method: str = "lora") -> SGLangBackend:
     return SGLangBackend(
         path=path,
-        sglang_config=SGLangConfig(
-            dtype="float32", max_total_tokens=16384, weight_sync_method=method, server_timeout=240
-        ),
+        sglang_config=SGLangConfig(max_total_tokens=16384, weight_sync_method=method, server_timeout=240),
         trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
     )
 

@@ -56,7 +56,7 @@ SYSTEM = "You are a calculator 🧮.   Call   the tool,\n\n then answer."
 
 
 def backend_for(path, **config) -> SGLangBackend:
-    values = dict(dtype="float32", max_total_tokens=16384, server_timeout=240, chat_template=TEMPLATE)
+    values = dict(max_total_tokens=16384, server_timeout=240, chat_template=TEMPLATE)
     return SGLangBackend(
         path=path,
         sglang_config=SGLangConfig(**{**values, **config}),
@@ -138,8 +138,7 @@ def trained_turns_are_exact(groups, template) -> tuple[int, int]:
                     mask = found[0].mask
                     assert all(mask[len(prompt) : len(whole)]) and not mask[len(prompt) - 1]
                     checked += 1
-    assert prepared.counts["context_mismatch_tokens"] == 0
-    assert prepared.counts["contexts_from_template"] == 0
+    assert prepared.counts["choices_without_engine_ids"] == prepared.counts["contexts_from_template"] == 0
     return checked, len(prepared.sequences)
 
 
@@ -233,6 +232,7 @@ async def test_a_step_trains_on_episodes_and_additional_histories_and_syncs(roll
     result = await backend.train(model, list(rollouts.values()), learning_rate=1e-4)
     m = result.metrics
     assert result.step == 1
+    assert m["data/choices_without_engine_ids"] == m["data/contexts_from_template"] == 0  # every turn exact
     assert m["data/context_mismatch_tokens"] == 0 and m["data/histories_split"] == 0
     assert m["data/additional_histories"] == 1
     assert m["data/sequences"] == m["data/trajectories_used"] + 1  # the additional history is a sequence too
@@ -280,6 +280,41 @@ async def test_a_streamed_tool_call_arrives_as_tool_calls_and_its_history_stays_
     after = await turn(client, model, messages, forced=False)
     prompt_after = after.choices[0].model_extra["prompt_token_ids"]
     assert prompt_after[: len(prompt) + len(ids)] == prompt + ids
+
+
+async def test_a_streamed_reply_carries_only_the_engines_ids(agent):
+    """Streamed chunks get ids recovered from each token's bytes; SGLang gives a token that is part of a multi-byte
+    character (an emoji, CJK) the bytes of U+FFFD, which belong to another token: such chunks carry no ids and the
+    reply is not remembered. Checked against the engine: the same greedy request, not streamed, returns its ids."""
+    model, _, run = agent
+    client = model.openai_client()
+    messages = [{"role": "user", "content": "Say yes, with a check mark, then 'math' in Chinese."}]
+    request = {
+        "model": model.get_inference_name(),
+        "messages": messages,
+        "max_tokens": 16,
+        "temperature": 0.0,
+        "extra_body": {"regex": "Yes ✅ 数学"},
+    }
+    plain = (await client.chat.completions.create(**request)).choices[0]
+    engine, first_prompt = plain.model_extra["token_ids"], plain.model_extra["prompt_token_ids"]
+    assert any("\ufffd" in run.template.tokenizer.decode([i]) for i in engine)  # the case: partial characters
+    position, withheld = 0, 0
+    async for chunk in await client.chat.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            n = len(choice.logprobs.content) if choice.logprobs and choice.logprobs.content else 0
+            ids = (choice.model_extra or {}).get("token_ids")
+            if ids is None:
+                withheld += n
+            else:
+                assert ids == engine[position : position + n], (position, ids, engine)
+            position += n
+    assert withheld > 0 and position >= len(engine) - 1  # every sampled token streamed (the stop token has no entry)
+    # The streamed reply was not remembered over the plain one, whose exact ids the next turn's history still gets.
+    history = [*messages, {"role": "assistant", "content": plain.message.content}, {"role": "user", "content": "Ok."}]
+    after = await client.chat.completions.create(model=model.get_inference_name(), messages=history, max_tokens=2)
+    prompt = after.choices[0].model_extra["prompt_token_ids"]
+    assert prompt[: len(first_prompt) + len(engine)] == first_prompt + engine
 
 
 async def test_structured_output_is_answered_and_the_server_stays_up(agent):

@@ -217,3 +217,32 @@ def test_servers_refused_name_the_setting(kwargs, field, hint):
     with pytest.raises(ConfigError) as err:
         SGLangConfig(**kwargs)
     assert err.value.field == field and hint in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("server", "trainer", "on_gpu", "expected"),
+    [
+        ("auto", "auto", False, ("float32", "float32")),  # SGLang's own auto would serve SmolLM2 in float16
+        ("auto", "auto", True, ("bfloat16", "bfloat16")),
+        ("float16", "auto", True, ("float16", "float16")),  # one side named: the other follows it
+        ("auto", "bfloat16", False, ("bfloat16", "bfloat16")),
+        ("float32", "bfloat16", True, ("float32", "bfloat16")),  # both named: as asked (the backend warns)
+    ],
+)
+def test_one_precision_for_server_and_trainer(server, trainer, on_gpu, expected):
+    from art_sglang.config import precision
+
+    assert precision(server, trainer, server_on_gpu=on_gpu, trainer_on_gpu=on_gpu) == expected
+
+
+def test_an_unrecognised_template_gets_no_tool_call_parser_and_says_so(caplog):
+    from art_sglang.chat import resolve_tool_call_parser
+
+    qwen = "{% for tool in tools %}...{% endfor %}<tool_call>\n{{ call | tojson }}\n</tool_call>"
+    with caplog.at_level("WARNING", logger="art_sglang"):
+        assert resolve_tool_call_parser("auto", qwen, "qwen") == "qwen25"
+        assert resolve_tool_call_parser("hermes", "anything", "m") == "hermes"  # named: used as given, silently
+        assert not caplog.records
+        assert resolve_tool_call_parser("auto", "{{ messages }}<tool>{{ call }}</tool>", "odd-model") is None
+    (record,) = caplog.records
+    assert "odd-model" in record.message and "SGLangConfig(tool_call_parser=...)" in record.message

@@ -151,10 +151,33 @@ def test_engine_ids_make_one_sequence_per_episode_and_split_where_history_change
     assert [i for i, m in zip(one.token_ids, one.mask, strict=True) if m] == answer_ids(tok, "A") + answer_ids(tok, "B")
     assert [s.token_ids for s in split] == [p1 + answer_ids(tok, "A"), p1 + [7, 8] + answer_ids(tok, "B")]
     assert out.counts["histories_split"] == 1 and out.counts["context_mismatch_tokens"] == 0
-    assert out.counts["contexts_from_template"] == 0
+    assert out.counts["contexts_from_template"] == 0 and out.counts["choices_without_engine_ids"] == 0
     # ART's weight: one over all of a trajectory's trained tokens, whichever sequence they are in.
     n = 2 * len(answer_ids(tok, "A"))
     assert all(s.weight == pytest.approx(1 / n) for s in split)
+
+
+def test_what_is_not_exact_is_counted(tok, template):
+    """A trained Choice without the engine's ids puts its whole history in the template's context: each such Choice
+    is counted, each turn trained in that context, and each context token that differs from a prompt the engine
+    was given (here injected: the engine saw other tokens than the template renders)."""
+    q, follow = [{"role": "user", "content": "Q"}], [{"role": "user", "content": "and?"}]
+    a, b = answer_ids(tok, "A"), answer_ids(tok, "B")
+
+    def counted(second_prompt: list[int] | None):
+        second = choice(tok, b) if second_prompt is None else with_engine_ids(choice(tok, b), second_prompt)
+        t = art.Trajectory(messages_and_choices=[*q, choice(tok, a), *follow, second], reward=1.0)
+        out = prepare([art.TrajectoryGroup([t, trajectory(tok, "Q", "x", 0.0)])], template)
+        keys = ("choices_without_engine_ids", "contexts_from_template", "context_mismatch_tokens")
+        return out.sequences[0], [out.counts[k] for k in keys]
+
+    rendered, counts = counted(None)
+    assert counts == [3, 3, 0]  # two Choices of the trajectory and one of the other sample; no engine prompt known
+    context = rendered.token_ids[: -len(b)]  # what the template renders before the second turn
+    assert counted(context)[1] == [2, 3, 0]  # the engine saw that context: nothing differs
+    injected = context[:-3] + [7, 8, 9]  # the engine saw three other tokens
+    assert counted(injected)[1] == [2, 3, 3]
+    assert counted(injected[:-1])[1] == [2, 3, 3]  # and a shorter prompt: the missing token counts too
 
 
 def test_additional_histories_are_trained_with_the_trajectorys_advantage(tok, template):

@@ -21,7 +21,7 @@ from families import BY_NAME, FAMILIES, build, describe
 from rollouts import gather
 
 from art_sglang import PolicyMismatchError, SGLangBackend, SGLangConfig, TrainerConfig
-from art_sglang.config import ALL_LINEAR
+from art_sglang.config import ALL_LINEAR, Placement
 from art_sglang.models import small_model
 from art_sglang.sync import METHODS
 from art_sglang.trainer.data import prepare
@@ -57,9 +57,7 @@ def _record(family: str, row: dict) -> None:
 def _backend(path: Path) -> SGLangBackend:
     return SGLangBackend(
         path=path,
-        sglang_config=SGLangConfig(
-            dtype="float32", max_total_tokens=4096, weight_sync_method="lora", server_timeout=240
-        ),
+        sglang_config=SGLangConfig(max_total_tokens=4096, weight_sync_method="lora", server_timeout=240),
         trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
     )
 
@@ -119,14 +117,19 @@ async def test_family_serves_trains_and_syncs_exactly(name, family_root, tmp_pat
     _record(name, row)
 
 
-async def test_a_model_sglang_serves_otherwise_is_refused_at_start(family_root, tmp_path):
+@pytest.mark.parametrize("mode", ["cpu", "shared"])
+async def test_a_model_sglang_serves_otherwise_is_refused_at_start(mode, family_root, tmp_path):
     """Unsupported cell: SGLang's Qwen3-MoE ignores tie_word_embeddings (real Qwen3-MoE checkpoints are untied), so a
-    tied one is served with an empty output layer. The backend finds it before any rollout and says so."""
+    tied one is served with an empty output layer. The backend finds it before any rollout and says so, in shared
+    mode too (there the trainer scores its side before it leaves the GPU to the server; this CPU runs shared mode's
+    stop/start flow)."""
     tied = dataclasses.replace(BY_NAME["qwen3_moe"], name="qwen3_moe_tied")
     tied = dataclasses.replace(tied, config={**tied.config, "tie_word_embeddings": True})
-    model_dir = build(tied, small_model(), family_root / tied.name)
+    model_dir = build(tied, small_model(), family_root / f"{tied.name}-{mode}")
     model = art.TrainableModel(name="tied", run_name="tied", project="families", base_model=str(model_dir))
     async with _backend(tmp_path) as backend:
+        if mode == "shared":
+            backend.placement = Placement("shared", None, [], "forced for this test")
         with pytest.raises(PolicyMismatchError, match="serves this model differently from transformers"):
             await model.register(backend)
     _record("qwen3_moe (tied embeddings)", {"refused at start": "PolicyMismatchError"})

@@ -47,7 +47,9 @@ async def fixed_sequence_logprobs(run, adapter: str | None) -> tuple[list[float]
     return await run.client.score(ids, len(prompt), lora_path=adapter), sequence
 
 
-async def run_pipeline(art_path, name: str, max_steps_off_policy: int, steps: int, eval_every: int = 0, retention=None):
+async def run_pipeline(
+    art_path, name: str, max_steps_off_policy: int, steps: int, eval_every: int = 0, retention=None, **options
+):
     model = art.TrainableModel(name=name, run_name=name, project="tests", base_model=BASE)
     backend = make_backend(art_path)
     await model.register(backend)
@@ -91,6 +93,7 @@ async def run_pipeline(art_path, name: str, max_steps_off_policy: int, steps: in
         eval_at_start=False,
         log_interval_seconds=3600,
         checkpoint_retention_strategy=retention,
+        **options,
     )
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # ART prints the failures it swallows (an eval's)
         await trainer.train(handle_signals=False)
@@ -207,10 +210,22 @@ async def test_a_lease_that_cannot_be_served_says_why(one_off):
             pass
 
 
-async def test_two_steps_off_policy(tmp_path_factory):
-    record = await run_pipeline(tmp_path_factory.mktemp("art"), "pipe2", max_steps_off_policy=2, steps=3)
+async def test_two_steps_off_policy_with_a_kl_penalty_on_a_lagged_step(tmp_path_factory):
+    """PipelineTrainer's KL lag: each step (saved with save_checkpoint=False, no eval) asks for the step before as
+    its KL reference, which ART's semantics keep on disk."""
+    record = await run_pipeline(
+        tmp_path_factory.mktemp("art"),
+        "pipe2",
+        max_steps_off_policy=2,
+        steps=3,
+        kl_penalty_coef=0.05,
+        kl_penalty_step_lag=1,
+    )
     try:
         assert [r.step for r in record["results"]] == [1, 2, 3] and not record["failures"], record["failures"]
+        assert all(r.checkpoint_path is None for r in record["results"])  # none asked for...
+        assert paths.checkpoint_steps(record["run"].model_dir) == [0, 1, 2, 3]  # ...all written, as ART does
+        assert all("kl_policy_ref" in r.metrics for r in record["results"] if "loss" in r.metrics)
         lags = []
         for trained_at, groups in record["batches"]:
             for trajectory in (t for g in groups for t in g.trajectories):

@@ -61,9 +61,9 @@ async def test_three_syncs_while_64_requests_are_in_flight(live, caplog):
     at_sync: list[int] = []
     publish = run.sync.publish
 
-    async def counting_publish(step, checkpoint):
+    async def counting_publish(step, checkpoint, durable=None):
         at_sync.append(in_flight(run))
-        return await publish(step, checkpoint)
+        return await publish(step, checkpoint, durable)
 
     run.sync.publish = counting_publish
     caplog.set_level(logging.WARNING)

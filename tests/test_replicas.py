@@ -97,10 +97,11 @@ async def replicas_serve(run, groups) -> list[float]:
     return gaps
 
 
+@pytest.mark.slow
 async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
     backend = SGLangBackend(
         path=tmp_path,
-        sglang_config=SGLangConfig(dtype="float32", max_total_tokens=16384, server_timeout=240, replicas=2),
+        sglang_config=SGLangConfig(max_total_tokens=16384, server_timeout=240, replicas=2),
         trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
     )
     model = art.TrainableModel(name="twins", run_name="twins", project="tests", base_model=BASE)
@@ -175,6 +176,7 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["disk", "restart"])
+@pytest.mark.slow
 async def test_two_replicas_take_merged_weights_under_load(tmp_path, method):
     """`disk` (all replicas updated under the gate) and `restart` (a rolling restart, the other replica serving):
     rollouts sent throughout a step all complete, each carrying the logprobs of the policy its label names; after
@@ -182,9 +184,7 @@ async def test_two_replicas_take_merged_weights_under_load(tmp_path, method):
     restarted, and a second step. (`restart` takes one step: each roll restarts both servers, ~100 s on this CPU.)"""
     backend = SGLangBackend(
         path=tmp_path,
-        sglang_config=SGLangConfig(
-            dtype="float32", max_total_tokens=16384, server_timeout=240, replicas=2, weight_sync_method=method
-        ),
+        sglang_config=SGLangConfig(max_total_tokens=16384, server_timeout=240, replicas=2, weight_sync_method=method),
         trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
     )
     model = art.TrainableModel(name=f"twins-{method}", run_name="twins", project="tests", base_model=BASE)
@@ -345,15 +345,16 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 async def test_a_server_started_elsewhere_is_attached_by_url(tmp_path, model_path):
     """`art-sglang serve` starts a server as another host would; the backend attaches it by URL (with an API key),
     trains through it, rides out an outage (the server's processes stopped: a hung or cut-off host), and leaves it
     running, without its adapters, when it closes."""
     port, key = free_port(), "elsewhere-key"
     command = [sys.executable, "-m", "art_sglang.cli", "serve", "--model", str(model_path), "--port", str(port)]
-    command += ["--api-key", key, "--dtype", "float32", "--max-total-tokens", "16384", "--timeout", "240"]
+    command += ["--max-total-tokens", "16384", "--timeout", "240"]
     command += ["--log", str(tmp_path / "elsewhere.log")]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "ART_SGLANG_API_KEY": key}
     serve = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     backend = SGLangBackend(
@@ -368,6 +369,10 @@ async def test_a_server_started_elsewhere_is_attached_by_url(tmp_path, model_pat
         assert isinstance(run.server, ReplicaSet) and run.server.urls == [url] and run.client.by_tensors
         assert run.gateway.served_model == model_path.name  # the name it serves under, as it reports it
         (server_group,) = children(serve.pid)  # SGLang, in its own process group under `serve`
+        # The key reached SGLang (the backend's calls authenticate) but no command line, which `ps` shows to all.
+        for pid in process_group_members(server_group) | {serve.pid}:
+            assert key not in (Path("/proc") / str(pid) / "cmdline").read_text(), pid
+        assert (tmp_path / "elsewhere.log").stat().st_mode & 0o077 == 0  # SGLang logs its arguments there
         groups = await gather(model, QUESTIONS)
         result = await backend.train(model, groups, learning_rate=2e-4)
         assert result.step == 1

@@ -65,3 +65,21 @@ def test_the_log_is_bounded_least_recently_used_first(template):
         prompt = log.build([{"role": "user", "content": f"question {i}"}], None)
         log.record(prompt, {"role": "assistant", "content": f"answer {i}"}, [1, 2, 3])
     assert log._tokens <= 100 and len(log) < 50
+
+
+def test_replies_with_one_answer_and_other_reasoning_are_two_replies(template):
+    """With a reasoning parser, a reply's reasoning comes back in `reasoning_content`: two group samples that answer
+    alike but reasoned otherwise must each get their own tokens as the next turn's history."""
+    log = ReplyLog(template)
+    tok = template.tokenizer
+    q = [{"role": "user", "content": "2 + 3?"}]
+    p1 = log.build(q, None)
+    for thought in ("add them", "count up"):
+        sampled = tok.encode(f"<think>{thought}</think>\n5") + [tok.eos_token_id]
+        log.record(p1, {"role": "assistant", "content": "5", "reasoning_content": thought}, sampled)
+    for thought in ("add them", "count up"):
+        back = {"role": "assistant", "content": "5", "reasoning_content": thought}
+        p2 = log.build([*q, back, {"role": "user", "content": "And 4 + 4?"}], None)
+        assert tok.decode(p2.ids[len(p1.ids) :]).startswith(f"<think>{thought}</think>\n5"), thought
+    # A client that drops the reasoning sends another message: rendered by the template, not a sample's tokens.
+    assert log.build([*q, {"role": "assistant", "content": "5"}, {"role": "user", "content": "?"}], None).parent is None

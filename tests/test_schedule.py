@@ -127,6 +127,7 @@ def test_one_optimizer_step_equals_arts_loss_and_optimizer(tiny_model):  # noqa:
     assert any(p.abs().sum() > 0 for p in ours.params if p.shape[0] > p.shape[1])  # lora_B moved off zero
 
 
+@pytest.mark.slow
 async def test_a_call_takes_one_step_per_row_plus_arts_warmup_once(tok, tiny_model, tmp_path):  # noqa: F811
     sequences = random_sequences(5, seed=2)
     group = TrainerGroup(TrainerSettings(str(tiny_model), lora_rank=4, threads=1), devices=[], log_dir=tmp_path)

@@ -47,6 +47,7 @@ def teacher_forced_logprobs(model, prompt_ids: list[int], output_ids: list[int])
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(output_ids)[:, None])[:, 0]
 
 
+@pytest.mark.smoke
 async def test_health_and_generate_with_logprobs(client, tokenizer):
     assert await client.health()
     prompt = chat_ids(tokenizer, "What is the capital of France?")
@@ -151,6 +152,7 @@ async def test_api_errors_carry_the_server_message(client):
     assert await client.health()
 
 
+@pytest.mark.slow
 async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, tmp_path):
     server = SGLangServer(
         model_path, server_config(max_total_tokens=2048), log_path=tmp_path / "s.log", device=None, enable_lora=False
@@ -177,18 +179,18 @@ async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, 
         port = server.port
         await server.restart()
         assert server.port == port and server.restarts == 1
-        # A planned stop is never a crash: a watch under way returns without calling on_crash.
-        watcher = asyncio.create_task(server.watch(on_crash, interval=0.01))
-        await asyncio.sleep(0.1)
-        await server.restart()
-        await asyncio.wait_for(watcher, timeout=30)
-        assert len(crashes) == 1 and server.restarts == 2
         async with SGLangClient(server.base_url) as c:
             assert await c.health()
-        pgid, scratch = server.pid, server._scratch
         # What the killed server left (IPC sockets, /dev/shm load files named after them) went with its stop.
         assert not first_scratch.exists()
         assert not [f for f in first_shm if f.exists()]
+        # A planned stop (as a restart begins with) is never a crash: a watch under way returns without on_crash.
+        watcher = asyncio.create_task(server.watch(on_crash, interval=0.01))
+        await asyncio.sleep(0.1)
+        pgid, scratch = server.pid, server._scratch
+        server.stop()
+        await asyncio.wait_for(watcher, timeout=30)
+        assert len(crashes) == 1
     finally:
         server.stop()
     assert not process_group_members(pgid)
@@ -196,6 +198,7 @@ async def test_crash_is_detected_and_restart_and_stop_leave_nothing(model_path, 
     assert "=== art_sglang: starting" in (tmp_path / "s.log").read_text()
 
 
+@pytest.mark.slow
 async def test_startup_timeout_raises_with_log_tail_and_cleans_up(model_path, tmp_path):
     server = SGLangServer(
         model_path, server_config(server_timeout=3.0), log_path=tmp_path / "slow.log", device=None, enable_lora=False
@@ -208,6 +211,7 @@ async def test_startup_timeout_raises_with_log_tail_and_cleans_up(model_path, tm
     assert not server.running
 
 
+@pytest.mark.slow
 async def test_early_exit_raises_with_log_tail(model_path, tmp_path):
     server = SGLangServer(
         model_path,
@@ -221,6 +225,7 @@ async def test_early_exit_raises_with_log_tail(model_path, tmp_path):
     assert "--no-such-flag" in err.value.log_tail
 
 
+@pytest.mark.slow
 async def test_port_in_use_is_a_clear_error(model_path, tmp_path):
     port = free_port()  # below 55535, which the configuration requires
     with socket.socket() as s:
@@ -249,8 +254,10 @@ def test_server_environment_and_flags(model_path, tmp_path):
     assert env["PYTHONPATH"].endswith("cpu_launch")
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--lora-backend") + 1] == "torch_native"
+    assert cmd[cmd.index("--dtype") + 1] == "float32"  # dtype "auto" is never SGLang's auto (float16 for SmolLM2)
     gpu = SGLangServer(model_path, server_config(), log_path=tmp_path / "l", device=3, memory_saver=True)
     env, cmd = gpu.environment(), gpu.command()
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"  # what the trainer's auto is on a GPU
     assert env["CUDA_VISIBLE_DEVICES"] == "3"
     assert "SGLANG_USE_CPU_ENGINE" not in env and "--device" not in cmd
     assert "--enable-memory-saver" in cmd

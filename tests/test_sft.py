@@ -65,6 +65,7 @@ async def _greedy_answer(model) -> str:
     return response.choices[0].message.content
 
 
+@pytest.mark.slow
 async def test_train_sft_teaches_the_served_model_the_answer(tmp_path):
     model = art.TrainableModel(name="sft", run_name="sft", project="tests", base_model=BASE)
     async with make_backend(tmp_path) as backend:

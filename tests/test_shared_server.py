@@ -111,5 +111,11 @@ async def test_two_models_share_one_server_and_train_concurrently_without_crossi
         other = trainable("gamma", _internal_config=art.dev.InternalModelConfig(engine_args={"max_loras": 8}))
         with pytest.raises(ArtSGLangError, match=r"SGLangConfig\.max_loras_per_batch: 8 \(server: 4\)"):
             await other.register(backend)
+        # Runs are ART's (project, run name): another project's `alpha` is its own run, never this one's. The gateway
+        # routes by model name, so it cannot share this server under that name, and is refused saying so.
+        namesake = art.TrainableModel(name="alpha", run_name="alpha", project="elsewhere", base_model=BASE)
+        with pytest.raises(ArtSGLangError, match=r"a model named 'alpha' \(project 'tests', run 'alpha'\) is already"):
+            await namesake.register(backend)
+        assert backend.model_run(alpha) is a and a.step == 3
     finally:
         await backend.close()

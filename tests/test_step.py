@@ -16,7 +16,7 @@ import signal
 import art
 import pytest
 import torch
-from rollouts import BASE, gather, make_backend, rollout, served_gap
+from rollouts import BASE, gather, make_backend, rollout, served_gap, wait_until
 
 from art_sglang import SGLangAPIError, StepFailedError
 from art_sglang.config import Placement
@@ -89,12 +89,23 @@ async def test_adapter_load_refused(live):
 
 
 async def test_checkpoint_write_fails(live):
+    """A step is served only once its checkpoint is durable: one that fails there was never answered as."""
     backend, model, groups = live
     run = backend.model_run(model)
     step = run.step
-    fail_once(run.trainer, "save_checkpoint", OSError(28, "injected: No space left on device"))
+    during: list[str] = []
+    save = run.trainer.save_checkpoint
+
+    async def fake_full_disk(*args, **kwargs):  # a client asks while the checkpoint is being written, then it fails
+        run.trainer.save_checkpoint = save
+        during.append((await rollout(model, ONE_WORD_QUESTIONS[1], max_tokens=2)).metadata["weight_version"])
+        raise OSError(28, "injected: No space left on device")
+
+    run.trainer.save_checkpoint = fake_full_disk
     with pytest.raises(StepFailedError, match=rf"(?s)step {step + 1} failed in the checkpoint stage.*No space"):
         await backend.train(model, groups, learning_rate=1e-4)
+    assert during == [str(step)]  # answered by the last durable step, never by the failed one
+    assert (model.name, step + 1) not in run.gateway.counters
     await assert_back_at(backend, model, step)
     await retry_takes_one_update(backend, model, groups, step + 1)
 
@@ -119,6 +130,25 @@ async def test_server_killed_during_the_sync(live):
     await asyncio.sleep(1.5)  # the crash watcher must not restart it a second time
     assert run.restarts == restarts + 1
     await retry_takes_one_update(backend, model, groups, step + 1)
+
+
+async def test_a_cancelled_step_leaves_the_model_at_its_last_step(live):
+    """Cancelling train() while the trainer works: the workers are stopped (their step's outcome is unknown, and a
+    reader thread cannot be cancelled), the policy stays, and the next train() starts them again and takes the step."""
+    backend, model, groups = live
+    run = backend.model_run(model)
+    step = run.step
+    training = asyncio.create_task(backend.train(model, groups, learning_rate=1e-4))
+    await wait_until(lambda: run.trainer._busy.locked(), what="the trainer to start the step")
+    await asyncio.sleep(0.5)
+    training.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await training
+    assert not run.trainer.running
+    assert run.step == step and not run.checkpoint(step + 1).exists() and run.gateway.gate_open
+    assert (await rollout(model, ONE_WORD_QUESTIONS[1])).metadata["weight_version"] == str(step)
+    await retry_takes_one_update(backend, model, groups, step + 1)
+    await assert_back_at(backend, model, step + 1)  # the restarted trainer holds what the server serves
 
 
 async def test_two_train_calls_at_once_run_one_after_the_other(live):

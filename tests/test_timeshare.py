@@ -13,6 +13,7 @@ import pytest
 from conftest import server_config
 
 from art_sglang import SGLangServer
+from art_sglang.server.process import API_KEY_ENV
 from art_sglang.sync.timeshare import RELEASED, GpuTimeShare
 
 
@@ -44,7 +45,10 @@ def test_the_gpu_shared_mode_command_line_is_sglangs(model_path, tmp_path):
 def test_the_cpu_command_line_is_sglangs(model_path, tmp_path):
     server = SGLangServer(model_path, server_config(api_key="k"), log_path=tmp_path / "l", device=None)
     args = parsed_by_sglang(server)
-    assert args["device"] == "cpu" and args["grammar_backend"] == "llguidance" and args["api_key"] == "k"
+    assert args["device"] == "cpu" and args["grammar_backend"] == "llguidance"
+    # The key is never on the command line (`ps` shows it to every user): the launcher takes it from the environment.
+    assert args["api_key"] is None and "k" not in server.command()
+    assert server.environment()[API_KEY_ENV] == "k" and API_KEY_ENV in server.command()[2]
 
 
 def test_released_tags_are_sglangs_memory_types(model_path, tmp_path):

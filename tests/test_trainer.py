@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import math
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import art
 import pytest
@@ -172,6 +175,27 @@ async def test_checkpoint_is_plain_peft_atomic_and_resumable(tok, model_path, tm
         await group.shutdown()
 
 
+def listening_addresses(pids: list[int]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses the processes `pids` listen on (TCP, from /proc), IPv4-mapped IPv6 ones as IPv4."""
+    sockets = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if (target := os.readlink(fd)).startswith("socket:["):
+                    sockets.add(target[len("socket:[") : -1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in sockets:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(fields[1].split(":")[0])
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian words
+            address = ipaddress.ip_address(raw)
+            found.append(getattr(address, "ipv4_mapped", None) or address)
+    return found
+
+
 async def test_two_gloo_workers_equal_one_process(tok, tiny_model, tmp_path):
     seqs = prepare(yes_no_groups(tok, 2, 4), ChatTemplate(tok), allow_training_without_logprobs=True).sequences
     options = StepOptions(learning_rate=1e-2, loss=LossConfig(loss_fn="ppo"))
@@ -183,6 +207,9 @@ async def test_two_gloo_workers_equal_one_process(tok, tiny_model, tmp_path):
         try:
             assert len(group.pids) == workers
             metrics = await group.train(seqs, options)
+            # The ranks' rendezvous and collectives listen on loopback only (PyTorch's TCP store would listen on
+            # every interface).
+            assert all(a.is_loopback for a in listening_addresses(group.pids)), listening_addresses(group.pids)
             metrics["sft"] = await group.sft(seqs, 1e-2)  # a supervised step after it: the same over 2 ranks too
             ckpt = await group.save_checkpoint(tmp_path / f"w{workers}" / "ckpt", step=1)
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -25,8 +26,17 @@ from art import LocalTrainResult
 from art.adapter_leases import pin_inference_target, pinned_inference_name, pinned_inference_step
 
 from . import paths
-from .chat import ChatTemplate, tool_call_parser_for
-from .config import DeviceConfig, Placement, SGLangConfig, TrainerConfig, check_servers, gpu_count, place
+from .chat import ChatTemplate, resolve_tool_call_parser
+from .config import (
+    DeviceConfig,
+    Placement,
+    SGLangConfig,
+    TrainerConfig,
+    check_servers,
+    gpu_count,
+    place,
+    precision,
+)
 from .errors import ArtSGLangError, ConfigError, ModelNotFoundError
 from .gateway import Gateway, Upstreams
 from .internal_config import apply_internal_config
@@ -34,9 +44,9 @@ from .leases import Leases
 from .models import lora_targets, resolve_base_model
 from .server import ExternalServer, ReplicaSet, SGLangClient, SGLangServer
 from .serving import Serving
-from .step import UNREQUESTED, ModelRun, TrainCall, publish, sft_step, train_step, write_atomic
+from .step import ModelRun, TrainCall, publish, sft_step, train_step, write_atomic
 from .sync import METHODS, GpuTimeShare, SyncContext
-from .sync.check import check_served_policy
+from .sync.check import check_served_policy, trainer_scores
 from .trainer.core import StepOptions, TrainerSettings, restore_replaced
 from .trainer.loss import LossConfig
 from .trainer.worker import TrainerGroup
@@ -164,7 +174,7 @@ class SGLangBackend:
             return pinned
         if step is None:
             step = pinned_inference_step(model.name)
-        run = self._runs.get(model.name)
+        run = self._runs.get(paths.run_key(model))
         if step is None and run is not None and run.sync.method != "lora":
             # One policy on the server (`disk`, `restart`): only `name` always answers; each reply's weight_version
             # says which step sampled it. A `name@step` would be refused once the next sync replaces that step.
@@ -208,12 +218,12 @@ class SGLangBackend:
     async def prune_model_adapters(self, model: art.TrainableModel, *, retain_steps: set[int]) -> None:
         """Unload the adapters of steps outside `retain_steps` that no lease or request holds (the newest two
         steps stay)."""
-        run = self._runs.get(model.name)
+        run = self._runs.get(paths.run_key(model))
         if run is not None:
             await run.sync.prune(set(retain_steps))
 
     async def _get_step(self, model: art.TrainableModel) -> int:
-        run = self._runs.get(model.name)
+        run = self._runs.get(paths.run_key(model))
         if run is not None:
             return run.step
         return _latest_step(paths.model_dir_of(model, self._path)) or 0
@@ -222,7 +232,7 @@ class SGLangBackend:
         """Delete the checkpoints of other steps than `steps_to_keep`, the current step and leased steps (a server
         restart loads a leased step's adapter from its checkpoint)."""
         keep = set(steps_to_keep) | {await self._get_step(model)}
-        if (run := self._runs.get(model.name)) is not None:
+        if (run := self._runs.get(paths.run_key(model))) is not None:
             keep |= run.leases.held()
         model_dir = paths.model_dir_of(model, self._path)
         for step in paths.checkpoint_steps(model_dir):
@@ -246,7 +256,7 @@ class SGLangBackend:
                 "forking from S3 is not supported (nothing is downloaded at run time): copy the checkpoint into "
                 f"{self._path}/<project>/models/<run_name>/checkpoints/<step> and fork without from_s3_bucket"
             )
-        if model.name in self._runs:
+        if paths.run_key(model) in self._runs:
             raise ArtSGLangError(f"fork into {model.name!r} before it trains: its server already serves a policy")
         source_dir = paths.model_dir(from_project or model.project, from_model, self._path)
         source = source_dir / "checkpoints"
@@ -269,7 +279,6 @@ class SGLangBackend:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.fork-", dir=target.parent))
         try:
             shutil.copytree(paths.checkpoint_dir(source_dir, step), tmp, dirs_exist_ok=True)
-            (tmp / UNREQUESTED).unlink(missing_ok=True)  # a forked step is one the user asked for
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -328,7 +337,7 @@ class SGLangBackend:
 
     def model_run(self, model: art.Model) -> ModelRun:
         """What was started for a registered model (its server, gateway, trainer, sync) and its current step."""
-        run = self._runs.get(model.name)
+        run = self._runs.get(paths.run_key(model))
         if run is None:
             raise ArtSGLangError(f"model {model.name!r} is not registered with this backend: await model.register()")
         return run
@@ -420,14 +429,15 @@ class SGLangBackend:
         return TrainCall(options, prep, save, reference_step, plot)
 
     async def _ensure_run(self, model: art.TrainableModel) -> ModelRun:
-        if model.name in self._runs:
-            return self._runs[model.name]
+        key = paths.run_key(model)  # as ART's storage: two projects may each have a model of one name
+        if key in self._runs:
+            return self._runs[key]
         if not getattr(model, "trainable", False):
             raise ArtSGLangError(f"model {model.name!r} is not trainable: SGLangBackend serves art.TrainableModel")
         async with self._starting:
-            if model.name not in self._runs:
-                self._runs[model.name] = await self._start(model)
-        return self._runs[model.name]
+            if key not in self._runs:
+                self._runs[key] = await self._start(model)
+        return self._runs[key]
 
     async def _start(self, model: art.TrainableModel) -> ModelRun:
         applied = apply_internal_config(
@@ -450,14 +460,29 @@ class SGLangBackend:
         if step is not None:
             _check_checkpoint(paths.checkpoint_dir(model_dir, step))
         template = ChatTemplate.load(base, cfg.chat_template)
-        parser = tool_call_parser_for(template.source) if cfg.tool_call_parser == "auto" else cfg.tool_call_parser
+        parser = resolve_tool_call_parser(cfg.tool_call_parser, template.source, base.name)
         peft_args = dict(applied.peft_args)
         targets = _lora_targets(base, tc.target_modules)
         if targets is not None:
             peft_args["target_modules"] = targets
+        server_dtype, trainer_dtype = precision(
+            cfg.dtype,
+            tc.dtype,
+            server_on_gpu=bool(p.servers),  # each server's GPUs; none on the CPU or elsewhere
+            trainer_on_gpu=bool(p.training_devices),
+        )
+        if server_dtype != trainer_dtype and not cfg.servers:
+            log.warning(
+                "art-sglang: the server runs %s and the trainer %s (SGLangConfig.dtype, TrainerConfig.dtype): the "
+                "engine's logprobs will differ from the trainer's; leave one of them 'auto' to follow the other",
+                server_dtype,
+                trainer_dtype,
+            )
+        tc = dataclasses.replace(tc, dtype=trainer_dtype)
         server_cfg = SGLangConfig(
             **{
                 **vars(cfg),
+                "dtype": server_dtype,
                 "lora_target_modules": cfg.lora_target_modules or targets or ["all"],
             }
         )
@@ -469,6 +494,12 @@ class SGLangBackend:
         shared = self._serving
         if shared is not None:
             _check_can_share(shared, key, model.name)
+            if (other := shared.runs.get(model.name)) is not None:
+                raise ArtSGLangError(
+                    f"a model named {model.name!r} (project {other.model.project!r}, run {other.model_dir.name!r}) is "
+                    f"already served by this backend, and its server routes requests by model name: give the model "
+                    f"of project {model.project!r} another name, or register it with another SGLangBackend."
+                )
         settings = TrainerSettings.from_config(
             str(base), tc, peft_args=peft_args, threads=tc.cpu_threads if p.mode == "cpu" else None
         )
@@ -477,15 +508,18 @@ class SGLangBackend:
         )
         if shared is None:
             log.info(
-                "art-sglang: mode %s (%s); weight sync %s; tool-call parser %s",
+                "art-sglang: mode %s (%s); weight sync %s; tool-call parser %s; precision: server %s, trainer %s",
                 p.mode,
                 p.reason,
                 cfg.weight_sync_method,
                 parser,
+                server_dtype,
+                trainer_dtype,
             )
         else:
             log.info("art-sglang: %s shares the server of %s", model.name, ", ".join(shared.runs))
         serving, server, run, merged_root = shared, None, None, None
+        expected: list[float] | None = None  # the trainer's scores for the policy check, when taken before it
         try:
             if shared is not None:  # the server runs: only this model's trainer starts
                 await trainer.start()
@@ -499,6 +533,7 @@ class SGLangBackend:
                     # that it sizes its KV pool from the memory the trainer left.
                     await trainer.start()
                     step = await self._first_checkpoint(trainer, model_dir, step)
+                    expected = await trainer_scores(trainer, template)  # the policy check's side, while on the GPU
                     await trainer.offload()
                     await server.start()
                 else:  # side by side: both are mostly imports and loading
@@ -555,9 +590,8 @@ class SGLangBackend:
             serving.runs[model.name] = run  # from now on a server restart publishes it again
             async with run.publishing:
                 await publish(run, step)
-                if timeshare is None:  # (shared mode: the trainer is in CPU memory now)
-                    gap = await check_served_policy(ctx, template)
-                    log.info("art-sglang: the server serves the trainer's policy (mean logprob gap %.1e)", gap)
+                gap = await check_served_policy(ctx, template, expected)
+                log.info("art-sglang: the server serves the trainer's policy (mean logprob gap %.1e)", gap)
         except BaseException:
             await trainer.shutdown()
             if shared is None and serving is not None:

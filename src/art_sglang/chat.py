@@ -11,11 +11,14 @@ engine sampled.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import ArtSGLangError
+
+log = logging.getLogger("art_sglang")
 
 
 class TemplateError(ArtSGLangError, ValueError):
@@ -47,6 +50,24 @@ def tool_call_parser_for(template: str) -> str | None:
         if marker in template:
             return parser
     return None
+
+
+def resolve_tool_call_parser(setting: str | None, template: str, model: str) -> str | None:
+    """SGLangConfig.tool_call_parser with "auto" decided from the template; a template whose tool-call format is not
+    recognised is said once, loudly: its tool calls would come back as plain text."""
+    if setting != "auto":
+        return setting
+    parser = tool_call_parser_for(template)
+    if parser is None:
+        log.warning(
+            "art-sglang: the chat template of %s has no tool-call format art-sglang recognises (%s), so SGLang runs "
+            "with no tool-call parser and tool calls come back as text in `content`. If the model calls tools, set "
+            "SGLangConfig(tool_call_parser=...) to SGLang's parser for it (e.g. 'hermes', 'qwen25', 'llama3', "
+            "'mistral', 'pythonic').",
+            model,
+            ", ".join(marker for marker, _ in _TOOL_CALL_FORMATS),
+        )
+    return parser
 
 
 def normalize_message(message: dict[str, Any]) -> dict[str, Any]:
@@ -89,10 +110,15 @@ def _byte_to_unicode() -> dict[int, str]:
 _BYTE_TO_UNICODE = _byte_to_unicode()
 
 
+_REPLACEMENT = "\ufffd".encode()
+
+
 def token_id_from_bytes(tokenizer: Any, raw: list[int] | bytes | None) -> int | None:
     """The id of the vocabulary entry whose bytes are `raw` (byte-level BPE vocabularies: exact, since every entry
-    is a distinct byte string); None where there is no such entry."""
-    if raw is None:
+    is a distinct byte string); None where there is no such entry, or where `raw` holds U+FFFD: SGLang gives a
+    token's bytes as those of its decoded text, and a token that is part of a multi-byte character (an emoji, CJK)
+    decodes to U+FFFD, whose bytes belong to another token."""
+    if raw is None or _REPLACEMENT in bytes(raw):
         return None
     token_id = tokenizer.convert_tokens_to_ids("".join(_BYTE_TO_UNICODE[b] for b in raw))
     if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) is None:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DeviceConfig, SGLangConfig, gpu_count, place
+from .config import DeviceConfig, SGLangConfig, gpu_count, place, precision
 from .errors import ArtSGLangError
 
 
@@ -76,21 +76,23 @@ def _serve(args: argparse.Namespace) -> int:
     """Run an SGLang server with the flags and environment a backend attaching it needs, until SIGINT or SIGTERM."""
     import signal
 
-    from .chat import ChatTemplate, tool_call_parser_for
+    from .chat import ChatTemplate, resolve_tool_call_parser
     from .config import ALL_LINEAR
     from .models import lora_targets, resolve_base_model
     from .server import SGLangServer
+    from .server.process import API_KEY_ENV
 
     base = resolve_base_model(args.model)
-    parser = args.tool_call_parser
-    if parser == "auto":
-        parser = tool_call_parser_for(ChatTemplate.load(base, args.chat_template).source)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    parser = resolve_tool_call_parser(
+        args.tool_call_parser, ChatTemplate.load(base, args.chat_template).source, base.name
+    )
     targets = args.lora_target_modules or lora_targets(base, list(ALL_LINEAR))[0]
     gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
     config = SGLangConfig(
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
+        api_key=api_key,
         dtype=args.dtype,
         max_lora_rank=args.max_lora_rank,
         max_loras_per_batch=args.max_loras_per_batch,
@@ -112,9 +114,9 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if args.print:
         env = server.environment()
+        env.update({API_KEY_ENV: "<key>"} if api_key else {})
         changed = [f"{k}={v}" for k, v in sorted(env.items()) if os.environ.get(k) != v]
-        command = ["<key>" if args.api_key and a == args.api_key else a for a in server.command()]
-        print(shlex.join([*changed, *command]))
+        print(shlex.join([*changed, *server.command()]))
         return 0
 
     async def run() -> int:
@@ -152,6 +154,10 @@ def _doctor(args: argparse.Namespace) -> int:
     print(f"GPUs found: {n}")
     print(f"mode: {placement.mode} ({placement.reason})")
     print(f"weight sync: {SGLangConfig().weight_sync_method}")
+    server, trainer = precision(
+        "auto", "auto", server_on_gpu=bool(placement.servers), trainer_on_gpu=bool(placement.training_devices)
+    )
+    print(f"precision (dtype 'auto'): server {server}, trainer {trainer}")
     for pkg in ("openpipe-art", "torch", "transformers", "peft"):
         try:
             print(f"{pkg}: {md.version(pkg)}")
@@ -190,7 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="the base model: a local directory or a name in the HF cache")
     p.add_argument("--host", default="127.0.0.1", help="bind address; any but loopback needs --api-key")
     p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--api-key", default=None, help="SGLang's --api-key; the backend's SGLangConfig(api_key=...)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="the key the backend's SGLangConfig(api_key=...) sends; better in $ART_SGLANG_API_KEY, which `ps` "
+        "does not show (neither the server's processes nor this one then have it on their command line)",
+    )
     p.add_argument("--gpus", default=None, help="GPU ids, e.g. 0,1 (a TP-2 server); none: the CPU")
     p.add_argument("--name", default=None, help="the served model name (default: the model directory's)")
     p.add_argument("--dtype", default="auto")

@@ -200,7 +200,7 @@ class SGLangConfig:
     host: str = "127.0.0.1"
     server_python: str | None = None  # None: $ART_SGLANG_SERVER_PYTHON, then .venv-sglang-server/bin/python
     server_args: list[str] = field(default_factory=list)  # appended to sglang.launch_server's flags
-    dtype: str = "auto"  # the server's --dtype; float32 makes its logprobs match an fp32 trainer
+    dtype: str = "auto"  # the server's --dtype; auto: the trainer's (float32 on the CPU, bfloat16 on a GPU)
     max_lora_rank: int = 16
     lora_target_modules: list[str] | None = None  # --lora-target-modules; None: the layers the trainer adapts
     max_total_tokens: int | None = None  # KV pool size; None: 131072 on the CPU, SGLang's choice on a GPU
@@ -338,6 +338,25 @@ def check_servers(cfg: SGLangConfig, count: int) -> None:
         raise ConfigError("port", cfg.port, f"None with {count} SGLang servers (replicas): each takes a free port")
 
 
+def auto_dtype(on_gpu: bool) -> str:
+    """What `dtype="auto"` means here, for the server and the trainer alike: float32 on the CPU, bfloat16 on a GPU.
+    SGLang's own `auto` would serve a model whose config says float32 (SmolLM2's does) in float16, which no trainer
+    here computes: its logprobs would differ from the trainer's by ~5e-3 on every token."""
+    return "bfloat16" if on_gpu else "float32"
+
+
+def precision(server: str, trainer: str, *, server_on_gpu: bool, trainer_on_gpu: bool) -> tuple[str, str]:
+    """The server's and the trainer's dtypes, one decision for both: `auto` on both sides is `auto_dtype` of where
+    each runs (the same wherever both run on one kind of device); one side named, the other follows it."""
+    if server == "auto" and trainer == "auto":
+        return auto_dtype(server_on_gpu), auto_dtype(trainer_on_gpu)
+    if server == "auto":
+        return trainer, trainer
+    if trainer == "auto":
+        return server, server
+    return server, trainer
+
+
 def gpu_count() -> int:
     """GPUs visible to this process, without initializing CUDA here (trainers set their own mask later)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -367,7 +386,7 @@ class TrainerConfig:
     max_sequence_length: int | None = None  # longer training sequences are skipped or truncated, and counted
     overlong: Literal["skip", "truncate"] = "skip"
     micro_batch_tokens: int = 8192
-    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
+    dtype: str = "auto"  # auto: the server's (float32 on the CPU, bfloat16 on a GPU)
     cpu_threads: int = 1  # torch threads of a CPU trainer (it shares the cores with the server)
     seed: int = 0
 

@@ -183,7 +183,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=float, default=1e-5)  # ART's optimizer steps: one per trajectory
     p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--sync", choices=("lora", "disk", "restart"), default="lora")
-    p.add_argument("--dtype", default="float32", help="server dtype (float32 makes engine and trainer agree)")
+    p.add_argument("--dtype", default="auto", help="server and trainer dtype (auto: float32 on the CPU, bf16 on a GPU)")
     p.add_argument("--path", default=".art")
     p.add_argument("--project", default="art-sglang-demo")
     p.add_argument("--name", default=None, help="model name (default: a new one per run)")

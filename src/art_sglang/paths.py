@@ -14,9 +14,14 @@ def model_dir(project: str, name: str, art_path: str | Path = DEFAULT_ART_PATH) 
     return Path(art_path) / project / "models" / name
 
 
+def run_key(model: Any) -> tuple[str, str]:
+    """What identifies a model's run, as ART's storage does: its project and run name (its name without one)."""
+    return model.project, getattr(model, "run_name", None) or model.name
+
+
 def model_dir_of(model: Any, art_path: str | Path = DEFAULT_ART_PATH) -> Path:
     """Where ART keeps `model`'s files: under its run name (0.5.23), or its name for a model without one."""
-    return model_dir(model.project, getattr(model, "run_name", None) or model.name, art_path)
+    return model_dir(*run_key(model), art_path)
 
 
 def server_log(model_dir: Path) -> Path:

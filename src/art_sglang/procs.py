@@ -84,6 +84,17 @@ def stop_group(pgid: int, grace: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def kill_group(pgid: int, what: str, timeout: float = 10.0) -> None:
+    """SIGKILL process group `pgid` and wait until none of it is left (so that its ports and files are free)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while process_group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if left := process_group_members(pgid):
+        log.warning("%s: processes %s still there %.0f s after SIGKILL", what, sorted(left), timeout)
+
+
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])

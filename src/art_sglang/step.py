@@ -1,4 +1,4 @@
-"""One training step, owned from start to end: persist → prepare → train → publish → checkpoint → metrics.
+"""One training step, owned from start to end: persist → prepare → train → checkpoint and publish → metrics.
 
 A step either completes (the server serves step N, the trainer is at step N) or leaves the model as it was at step
 N-1: the trainer is reloaded from N-1's checkpoint, N's checkpoint (if any was written) is removed, the gate is
@@ -34,6 +34,7 @@ from .leases import Leases
 from .plots import plot_rows
 from .server import SGLangClient, SGLangServer
 from .sync import GpuTimeShare, WeightSync
+from .sync.base import Durable
 from .trainer.core import StepOptions
 from .trainer.data import prepare
 from .trainer.schedule import art_rows
@@ -44,8 +45,6 @@ if TYPE_CHECKING:
     from .serving import Serving
 
 log = logging.getLogger("art_sglang")
-# In a checkpoint directory: saved with save_checkpoint=False (only because it is the newest step).
-UNREQUESTED = ".unrequested"
 
 
 @dataclass
@@ -227,9 +226,16 @@ async def _take_step(
                 train_seconds = time.monotonic() - t0
                 stage = "publish"  # the server gets the GPU back first
             await publishing.enter_async_context(run.publishing)
-            sync_metrics = await publish(run, step)
-        stage = "checkpoint"  # off the path of the new policy to the server; the step ends when it is durable
-        checkpoint = await run.trainer.save_checkpoint(run.checkpoint(step), step)
+
+            async def durable() -> None:  # before anything answers as `step` (WeightSync.publish)
+                nonlocal stage
+                try:
+                    await run.trainer.save_checkpoint(run.checkpoint(step), step)
+                except BaseException:
+                    stage = "checkpoint"
+                    raise
+
+            sync_metrics = await publish(run, step, durable)
     except BaseException as e:
         await publishing.aclose()  # a republish of the last step (this recovery's, or the crash watch's) may go
         republish = stage in ("publish", "checkpoint") or run.server.pid != server_pid
@@ -245,14 +251,6 @@ async def _take_step(
         raise (TrainerCrashedError if isinstance(e, TrainerCrashedError) else StepFailedError)(message) from e
     run.step = step
     await publishing.aclose()
-    # The newest step always has a checkpoint (a failed step and a resume publish it again); one that was not asked
-    # for is marked, and removed once a newer step is durable. A checkpoint asked for is never removed here.
-    if not save_checkpoint:
-        (checkpoint / UNREQUESTED).touch()
-    # A leased step's checkpoint stays until its lease ends: a server restart loads its adapter from it again.
-    for old in paths.checkpoint_steps(run.model_dir):
-        if old != step and old not in run.leases.held() and (run.checkpoint(old) / UNREQUESTED).exists():
-            shutil.rmtree(run.checkpoint(old), ignore_errors=True)
     metrics: dict[str, float] = {**train_metrics, **rollout}
     metrics.update({f"data/{k}": float(v) for k, v in counts.items()})
     metrics.update({f"sync/{k}": float(v) for k, v in sync_metrics.items()})
@@ -269,7 +267,10 @@ async def _take_step(
         train_seconds,
         int(train_metrics.get("tokens", 0)),
     )
-    return LocalTrainResult(step=step, metrics=metrics, checkpoint_path=str(checkpoint) if save_checkpoint else None)
+    # As ART 0.5.23's LocalBackend: every step's checkpoint is written and kept (a KL reference, a lease or a resume
+    # may name it); save_checkpoint=False only leaves checkpoint_path out. `delete_checkpoints` removes them.
+    checkpoint = run.checkpoint(step) if save_checkpoint else None
+    return LocalTrainResult(step=step, metrics=metrics, checkpoint_path=str(checkpoint) if checkpoint else None)
 
 
 @contextlib.asynccontextmanager
@@ -308,9 +309,9 @@ async def recover(run: ModelRun, failed: int, *, republish: bool) -> None:
         await republish_current(run)
 
 
-async def publish(run: ModelRun, step: int) -> dict[str, float]:
+async def publish(run: ModelRun, step: int, durable: Durable | None = None) -> dict[str, float]:
     """Make the server serve `step` of the model (see WeightSync.publish)."""
-    metrics = await run.sync.publish(step, run.checkpoint(step))
+    metrics = await run.sync.publish(step, run.checkpoint(step), durable)
     run.published_pid = run.server.pid
     return metrics
 

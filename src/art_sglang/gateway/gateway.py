@@ -657,7 +657,9 @@ class Gateway:
 
     def _annotate_chunk(self, chunk: dict[str, Any], prompt: Prompt, replies: dict[int, StreamedChoice]) -> None:
         """Exact token ids on a streamed chunk, as vLLM streams them: `prompt_token_ids` on the first, `token_ids`
-        per choice (from each token's bytes: exact for byte-level BPE vocabularies)."""
+        per choice (from each token's bytes: exact for byte-level BPE vocabularies). A token whose bytes SGLang
+        does not give (part of a multi-byte character) leaves its chunk without `token_ids`, and the reply is not
+        remembered: the next turn renders it from its text rather than from ids that could be wrong."""
         if not replies:
             chunk["prompt_token_ids"] = prompt.ids
         tokenizer = self.replies.template.tokenizer

@@ -63,14 +63,15 @@ def _arguments(value: Any) -> Any:
 
 
 def canonical(message: dict[str, Any]) -> bytes:
-    """The parts of a message that identify it, in a form that survives a round trip through a client."""
+    """Everything of a message a chat template can render, in a form that survives a round trip through a client:
+    two group samples with one visible answer and other reasoning are two replies."""
     calls = []
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         # The call's id too: two samples may write the same call with other tokens, and clients send ids back.
         calls.append([call.get("id"), function.get("name"), _arguments(function.get("arguments"))])
-    content = message.get("content")
-    fields = [message.get("role"), "" if content is None else content, calls, message.get("tool_call_id")]
+    fields = [message.get("role"), calls, message.get("tool_call_id")]
+    fields += [message.get(k) or "" for k in ("content", "reasoning_content", "name")]  # None, absent and "" alike
     return json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()
 
 

@@ -1,8 +1,8 @@
 """SGLangServer: one SGLang server process tree, owned from start to reaping.
 
 The server runs from its own venv, in its own process group, bound to loopback. It is stopped by that group
-(SIGTERM, then SIGKILL after a grace period), also at interpreter exit, and never by name. Any process of its
-tree dying is a crash that `watch` reports.
+(SIGKILL: see `stop`), also at interpreter exit, and never by name. Any process of its tree dying is a crash that
+`watch` reports.
 """
 
 from __future__ import annotations
@@ -21,12 +21,20 @@ from pathlib import Path
 
 import httpx
 
-from ..config import SGLangConfig
+from ..config import SGLangConfig, auto_dtype
 from ..errors import PortInUseError, ServerStartError
-from ..procs import alive, die_with_parent, free_port, mapped_shm_files, own, process_group_members, release, stop_group
+from ..procs import alive, die_with_parent, free_port, kill_group, mapped_shm_files, own, process_group_members, release
 from .venv import find_server_python
 
 log = logging.getLogger(__name__)
+# SGLang takes its API key only as a flag, which `ps` shows to every user: it comes through the environment instead
+# and is appended to the arguments inside the launcher (its children get their arguments pickled, not on a command
+# line).
+API_KEY_ENV = "ART_SGLANG_API_KEY"
+KEYED_LAUNCH = (
+    f"import os, runpy, sys; sys.argv += ['--api-key', os.environ.pop({API_KEY_ENV!r})]; "
+    "runpy.run_module('sglang.launch_server', run_name='__main__', alter_sys=True)"
+)
 
 CPU_LAUNCH_DIR = Path(__file__).parent / "cpu_launch"
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 131072
@@ -102,10 +110,10 @@ class SGLangServer:
 
     def command(self) -> list[str]:
         c = self.config
+        launch = ["-c", KEYED_LAUNCH] if c.api_key else ["-m", "sglang.launch_server"]
         cmd = [
             str(self._python.path),
-            "-m",
-            "sglang.launch_server",
+            *launch,
             "--model-path",
             self.model_path,
             "--host",
@@ -119,7 +127,7 @@ class SGLangServer:
             "--mem-fraction-static",
             str(c.mem_fraction_static),
             "--dtype",
-            c.dtype,
+            auto_dtype(bool(self.gpus)) if c.dtype == "auto" else c.dtype,  # never SGLang's auto (float16)
             "--enable-cache-report",
         ]
         if self.served_model_name:
@@ -130,8 +138,6 @@ class SGLangServer:
             cmd += ["--context-length", str(c.context_length)]
         if c.disable_radix_cache:
             cmd += ["--disable-radix-cache"]
-        if c.api_key:
-            cmd += ["--api-key", c.api_key]
         if c.chat_template:
             cmd += ["--chat-template", c.chat_template]
         if self.tool_call_parser:
@@ -182,6 +188,8 @@ class SGLangServer:
         # Logprobs of the policy itself (log_softmax of the logits), not of logits / temperature: what the
         # trainer computes, whatever the sampling settings.
         env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
+        if self.config.api_key:
+            env[API_KEY_ENV] = self.config.api_key  # read and removed by KEYED_LAUNCH
         if not self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ""
             env["SGLANG_USE_CPU_ENGINE"] = "1"  # without it the rotary embedding imports vllm
@@ -202,6 +210,9 @@ class SGLangServer:
         else:
             check_port_free(self.config.host, self.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.config.api_key:  # SGLang logs its arguments, the key among them: the log is the owner's alone
+            self.log_path.touch(mode=0o600)
+            os.chmod(self.log_path, 0o600)
         cmd = self.command()
         # SGLang names its IPC sockets with tempfile and leaves them behind when killed (its /dev/shm files too,
         # found from its processes' memory maps once it is up): a private TMPDIR lets stop() remove them.
@@ -257,14 +268,18 @@ class SGLangServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM the process group, SIGKILL it after `grace` seconds, and reap the launcher."""
+    def stop(self) -> None:
+        """SIGKILL the process group, wait until it is gone, and reap the launcher. Not SIGTERM: SGLang answers it
+        with a graceful exit that takes ~6 s however idle it is (a drain, then a 5 s pause for crash diagnostics
+        once its children are signalled), and keeps nothing a stop would save: it writes no state, and its
+        shared-memory files and IPC sockets are removed here. Callers drain requests first (the gateway holds new
+        ones)."""
         proc, self._proc = self._proc, None  # first: a watcher that sees this knows the stop is planned
         release(self)
         if proc is None:
             return
-        # start_new_session: the launcher leads its own group. Reaped while waiting, so it leaves no zombie.
-        stop_group(proc.pid, grace, "the SGLang server")
+        # start_new_session: the launcher leads its own group. Reaped here, so it leaves no zombie.
+        kill_group(proc.pid, "the SGLang server")
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
         self._tree = set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from ..gateway import Gateway
 from ..leases import Leases
 from ..server import ReplicaSet, SGLangClient, SGLangServer
 from ..trainer.worker import TrainerGroup
+
+Durable = Callable[[], Awaitable[None]]  # writes a new step's checkpoint
 
 
 @dataclass
@@ -31,11 +34,12 @@ class SyncContext:
 class WeightSync:
     """One way of putting a policy on the server.
 
-    `publish(step, checkpoint)` makes the server serve `step`, whatever it serves now: the previous step, nothing
-    of ours (just started or restarted), or a step that failed halfway. When it returns, new requests for the
-    model are answered by `step`; when it raises, the caller puts the last good step back with another publish.
-    A new step is published before its checkpoint is written (the trainer holds it); a step published again has
-    its checkpoint on disk.
+    `publish(step, checkpoint, durable)` makes the server serve `step`, whatever it serves now: the previous step,
+    nothing of ours (just started or restarted), or a step that failed halfway. When it returns, new requests for
+    the model are answered by `step`; when it raises, the caller puts the last good step back with another publish.
+    A new step comes from the trainer, with `durable` writing its checkpoint: nothing answers as `step` before that
+    has returned (a step whose checkpoint fails was never served, so its retry's replies are the only ones stamped
+    with its number); a step published again has its checkpoint on disk and no `durable`.
     """
 
     method = "base"
@@ -45,7 +49,7 @@ class WeightSync:
         self.ctx = ctx
         self.step: int | None = None  # the step new requests for the model go to
 
-    async def publish(self, step: int, checkpoint: Path) -> dict[str, float]:
+    async def publish(self, step: int, checkpoint: Path, durable: Durable | None = None) -> dict[str, float]:
         raise NotImplementedError
 
     async def serve(self, step: int) -> None:

@@ -19,14 +19,16 @@ from pathlib import Path
 
 from ..errors import SGLangAPIError
 from ..server import ReplicaClient
-from .base import WeightSync
+from .base import Durable, WeightSync
 
 
 class DiskSync(WeightSync):
     method = "disk"
 
-    async def publish(self, step: int, checkpoint: Path) -> dict[str, float]:
+    async def publish(self, step: int, checkpoint: Path, durable: Durable | None = None) -> dict[str, float]:
         started = time.monotonic()
+        if durable is not None:  # the trainer writes it, then exports: one command at a time
+            await durable()
         merged, stats = await self.export(step, layers=self._layers_dir())
         exported = time.monotonic()
         ctx = self.ctx

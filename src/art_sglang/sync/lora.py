@@ -23,9 +23,18 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import ArtSGLangError, LeaseError
-from .base import SyncContext, WeightSync
+from .base import Durable, SyncContext, WeightSync
 
 log = logging.getLogger(__name__)
+
+
+async def _both(durable: Durable | None, load: Awaitable[object]) -> None:
+    """The checkpoint and the adapter load side by side; both end before either's error is raised (the caller then
+    removes what the other left), the checkpoint's first."""
+    results = await asyncio.gather(durable() if durable else asyncio.sleep(0), load, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 class LoraSync(WeightSync):
@@ -46,7 +55,7 @@ class LoraSync(WeightSync):
         """The adapter new requests for the model are routed to."""
         return self.loaded.get(self.step) if self.step is not None else None
 
-    async def publish(self, step: int, checkpoint: Path) -> dict[str, float]:
+    async def publish(self, step: int, checkpoint: Path, durable: Durable | None = None) -> dict[str, float]:
         ctx = self.ctx
         started = time.monotonic()
         async with self._lock:
@@ -70,12 +79,11 @@ class LoraSync(WeightSync):
         metrics: dict[str, float] = {}
         if (checkpoint / "adapter_model.safetensors").exists():
             await self._load(name, ctx.client.load_lora_adapter(name, str(checkpoint)))
-        else:  # a new step: the trainer holds it, its checkpoint comes after
+        else:  # a new step: the trainer holds it; its checkpoint is written while the server loads it
             adapter = await ctx.trainer.adapter_payload()
             metrics = {"adapter_export_seconds": adapter["seconds"], "adapter_bytes": float(len(adapter["tensors"]))}
-            await self._load(
-                name, ctx.client.load_lora_adapter_from_tensors(name, adapter["config"], adapter["tensors"])
-            )
+            load = ctx.client.load_lora_adapter_from_tensors(name, adapter["config"], adapter["tensors"])
+            await self._load(name, _both(durable, load))
         loaded = time.monotonic()
         await self._load(name, ctx.client.update_weight_version(str(step)))
         async with self._lock:

@@ -11,15 +11,17 @@ import time
 from pathlib import Path
 
 from ..server import ReplicaSet
-from .base import WeightSync
+from .base import Durable, WeightSync
 
 
 class RestartSync(WeightSync):
     method = "restart"
 
-    async def publish(self, step: int, checkpoint: Path) -> dict[str, float]:
+    async def publish(self, step: int, checkpoint: Path, durable: Durable | None = None) -> dict[str, float]:
         ctx = self.ctx
         started = time.monotonic()
+        if durable is not None:
+            await durable()
         if step == 0:
             merged, stats = Path(ctx.server.base_model_path), {"export_seconds": 0.0, "export_bytes": 0.0}
         else:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..config import ALL_LINEAR, TrainerConfig
+from ..config import ALL_LINEAR, TrainerConfig, auto_dtype
 from .layers_file import LayersFile
 from .loss import LossConfig, policy_loss
 from .pack import TensorPacker
@@ -50,7 +50,7 @@ class TrainerSettings:
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     peft_args: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
+    dtype: str = "auto"  # auto: config.auto_dtype (bfloat16 on a GPU, float32 on the CPU)
     adapter_dtype: str = "float32"  # LoRA weights and optimizer state; "auto": the base model's dtype
     device: str = "auto"  # auto: cuda if visible, else cpu
     max_grad_norm: float = 0.1  # ART's default
@@ -98,9 +98,7 @@ def _resolve(settings: TrainerSettings) -> tuple[torch.device, torch.dtype]:
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = settings.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype = auto_dtype(device.startswith("cuda")) if settings.dtype == "auto" else settings.dtype
     return torch.device(device), getattr(torch, dtype)
 
 

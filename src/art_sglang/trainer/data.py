@@ -5,9 +5,11 @@ With those, a history is assembled as ART does: each trained Choice's prompt, th
 prompt extends the sequence so far continues it, any other starts a new sequence. So every trained token is
 trained in exactly the context the engine sampled it in, whatever the chat template does to history.
 
-A Choice without them (built elsewhere) gets its context from the chat template: the conversation rendered once,
-each trained turn a placeholder filled with its sampled ids (never re-tokenized text); such turns are counted
-(`contexts_from_template`). Additional histories are trained like the main one. Advantages follow ART: reward
+A history with a trained Choice without them (built elsewhere, or edited) gets its context from the chat template:
+the conversation rendered once, each trained turn a placeholder filled with its sampled ids (never re-tokenized
+text). Counted each step: such Choices (`choices_without_engine_ids`), the turns trained in the template's context
+(`contexts_from_template`), and the context tokens where that differs from a prompt the engine was given
+(`context_mismatch_tokens`). Additional histories are trained like the main one. Advantages follow ART: reward
 minus group mean, divided by the group's std (+1e-6) when `scale_rewards`; rewards equal within 1e-6 teach nothing.
 """
 
@@ -124,7 +126,9 @@ class Piece:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     mask: list[bool] = field(default_factory=list)
-    prompts: list[tuple[int, list[int]]] = field(default_factory=list)  # (where a Choice starts, its prompt)
+    # Where a trained Choice that carries the engine's prompt starts, and that prompt: set only where the context
+    # is the template's (an exact piece's context is the engine's prompt by construction).
+    prompts: list[tuple[int, list[int]]] = field(default_factory=list)
 
     def add(self, ids: list[int], logprobs: list[float] | None = None) -> None:
         self.token_ids += ids
@@ -132,7 +136,8 @@ class Piece:
         self.mask += [logprobs is not None] * len(ids)
 
     def context_mismatch(self) -> int:
-        """Context tokens that differ from the prompt the engine was given, over this piece's Choices."""
+        """Context tokens that differ from the prompt the engine was given (positions compared, plus the length
+        difference), over the trained Choices whose context came from the template though the engine's was known."""
         wrong = 0
         for start, prompt in self.prompts:
             context = self.token_ids[:start]
@@ -165,7 +170,6 @@ def _exact_pieces(items: list[Any], trainable: list[int], label: str) -> list[Pi
             piece = Piece()
             pieces.append(piece)
             piece.add(prompt)
-        piece.prompts.append((len(piece.token_ids), prompt))
         piece.add(sampled, _choice_logprobs(items[i], len(sampled), label))
     return pieces
 
@@ -191,17 +195,20 @@ def _template_piece(
         logprobs.append(_choice_logprobs(item, len(ids), label))
     token_ids, starts = fill(segments, fills)
     piece = Piece(token_ids, [math.nan] * len(token_ids), [False] * len(token_ids))
-    for start, ids, lps in zip(starts, fills, logprobs, strict=True):
+    for i, start, ids, lps in zip(trainable, starts, fills, logprobs, strict=True):
         piece.logprobs[start : start + len(ids)] = lps
         piece.mask[start : start + len(ids)] = [True] * len(ids)
+        if isinstance(items[i], Choice) and (exact := engine_ids(items[i])) is not None:
+            piece.prompts.append((start, exact[0]))  # the engine's context, to count how far the template's is off
     return piece
 
 
 def tokenize_history(
     items: list[Any], tools: Any, template: ChatTemplate, *, allow_without_logprobs: bool, label: str
-) -> tuple[list[Piece], int]:
-    """The training sequences of one history, and how many of its trained turns got their context from the
-    chat template (0 when the engine's own token ids were there for every one)."""
+) -> tuple[list[Piece], Counter[str]]:
+    """The training sequences of one history, and counts of what was not exact: trained Choices without the
+    engine's ids, and trained turns whose context came from the chat template (none when the engine's own ids were
+    there for every one)."""
     tokenizer = template.tokenizer
     choices = [i for i, m in enumerate(items) if isinstance(m, Choice)]
     dict_assistant = [i for i, m in enumerate(items) if isinstance(m, dict) and m.get("role") == "assistant"]
@@ -223,12 +230,16 @@ def tokenize_history(
                 "model.openai_client(), always returns them), or pass allow_training_without_logprobs=True."
             )
         trainable = with_logprobs
+    counts: Counter[str] = Counter()
     if not trainable:
-        return [], 0
+        return [], counts
     items = items[: trainable[-1] + 1]
-    if all(isinstance(items[i], Choice) and engine_ids(items[i]) is not None for i in trainable):
-        return _exact_pieces(items, trainable, label), 0
-    return [_template_piece(items, trainable, tools, template, tokenizer, label)], len(trainable)
+    without = [i for i in trainable if not (isinstance(items[i], Choice) and engine_ids(items[i]) is not None)]
+    if not without:
+        return _exact_pieces(items, trainable, label), counts
+    counts["choices_without_engine_ids"] += sum(isinstance(items[i], Choice) for i in without)
+    counts["contexts_from_template"] += len(trainable)
+    return [_template_piece(items, trainable, tools, template, tokenizer, label)], counts
 
 
 def tokenize_trajectory(
@@ -242,10 +253,10 @@ def tokenize_trajectory(
     pieces: list[Piece] = []
     for h, (items, tools) in enumerate(histories):
         where = label if h == 0 else f"additional history {h - 1} of {label}"
-        found, from_template = tokenize_history(
+        found, inexact = tokenize_history(
             items, tools, template, allow_without_logprobs=allow_without_logprobs, label=where
         )
-        counts["contexts_from_template"] += from_template
+        counts.update(inexact)
         counts["histories_split"] += len(found) > 1
         pieces += found
     return pieces, counts
@@ -264,7 +275,8 @@ def prepare(
     """Validate and tokenize; zero-variance groups and overlong sequences are skipped (or truncated) and counted."""
     check_rewards(groups)
     out = Prepared([])
-    out.counts["context_mismatch_tokens"] = 0
+    for key in ("context_mismatch_tokens", "contexts_from_template", "choices_without_engine_ids"):
+        out.counts[key] = 0  # reported every step: 0 is the news
     for g, group in enumerate(groups):
         trajectories = list(group.trajectories)
         out.counts["groups"] += 1

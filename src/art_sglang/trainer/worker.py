@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainerCrashedError
-from ..procs import die_with_parent, free_port, own, release, stop_group
+from ..procs import die_with_parent, own, release, stop_group
 from . import schedule
 from .core import StepOptions, TrainerSettings
 from .sequence import Sequence
@@ -36,7 +36,7 @@ KEY_ENV = "ART_SGLANG_TRAINER_KEY"
 
 
 # -- the worker side (runs in the child process) ------------------------------------------------------------
-def _worker_main(address: str, rank: int, world_size: int, dist_port: int) -> None:
+def _worker_main(address: str, rank: int, world_size: int, store_path: str) -> None:
     host, port = address.rsplit(":", 1)
     conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ.pop(KEY_ENV)))
     conn.send(("hello", rank, os.getpid()))
@@ -52,7 +52,9 @@ def _worker_main(address: str, rank: int, world_size: int, dist_port: int) -> No
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(0)  # the only GPU this process can see
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{dist_port}", rank=rank, world_size=world_size)
+        # A file, not PyTorch's TCP store (which listens on every interface); gloo and NCCL bootstrap on loopback.
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
 
         def grad_sync(grads: list[torch.Tensor]) -> None:
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -113,6 +115,7 @@ class TrainerGroup:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._conns: list[Connection] = []
         self._busy = asyncio.Lock()
+        self._store: Path | None = None  # the workers' rendezvous file (NCCL reads it again at its first collective)
         self.warmed_up = False  # ART's warm-up step is taken once per start of the workers
 
     def log_path(self, rank: int) -> Path:
@@ -126,14 +129,18 @@ class TrainerGroup:
         if not self.devices:
             env["OMP_NUM_THREADS"] = str(self.cpu_threads)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # The workers of one host talk over loopback only (docs/security.md); set these to train across hosts.
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
         return env
 
     async def start(self) -> dict[str, Any]:
         key = secrets.token_hex(16)
         listener = Listener(("127.0.0.1", 0), authkey=bytes.fromhex(key))
         address = f"{listener.address[0]}:{listener.address[1]}"
-        dist_port = free_port()
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._store = self.log_dir / f".rendezvous-{key[:12]}"  # new per start: a FileStore must begin empty
+        store_path = str(self._store)
         settings = asdict(self.settings)
         if not self.devices:
             settings.setdefault("threads", self.cpu_threads)
@@ -141,7 +148,7 @@ class TrainerGroup:
         for rank in range(self.world_size):
             code = (
                 f"from art_sglang.trainer.worker import _worker_main; "
-                f"_worker_main({address!r}, {rank}, {self.world_size}, {dist_port})"
+                f"_worker_main({address!r}, {rank}, {self.world_size}, {store_path!r})"
             )
             with open(self.log_path(rank), "ab") as log:
                 log.write(f"\n=== art_sglang trainer rank {rank} starting at {time.strftime('%F %T')}\n".encode())
@@ -233,8 +240,16 @@ class TrainerGroup:
                         raise TrainerCrashedError(f"trainer workers did not answer '{what}' in time" + self._tails())
             return [results[r] for r in ranks]
 
+        reader = asyncio.ensure_future(asyncio.to_thread(wait))
         try:
-            return await asyncio.to_thread(wait)
+            return await asyncio.shield(reader)
+        except asyncio.CancelledError:
+            # A thread cannot be cancelled: it would read on, and take the answer to the next call. Stop the workers
+            # (the command's outcome is unknown; the next step starts them again from the last checkpoint) and wait
+            # for the reader to see them gone, so that it is the only one that ever read these connections.
+            self.stop()
+            await asyncio.wait([reader])
+            raise
         except (EOFError, OSError) as e:
             await self._name_the_dead(what)
             self.stop()
@@ -395,6 +410,8 @@ class TrainerGroup:
             stop_group(p.pid, grace, f"trainer worker {p.pid}")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=10)
+        if self._store is not None:
+            self._store.unlink(missing_ok=True)
 
 
 def logprob_gap(sequences: list[Sequence], trainer: list[list[float]]) -> dict[str, float]:
