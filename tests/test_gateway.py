@@ -1,4 +1,8 @@
-"""The gateway in front of a real SGLang server: auth, no admin endpoints, routing errors, holding at the gate."""
+"""The gateway's own logic: auth, no admin endpoints, routing errors, holding at the gate, what reaches the server.
+
+In front of a stub of SGLang 0.5.15 (tests/stub_sglang.py, named so: it runs no model), which answers with SGLang's
+JSON and records what it was sent; the engine's side of every reply (exact ids, logprobs, cache) is tested against
+real servers in test_backend.py and test_agents.py."""
 
 from __future__ import annotations
 
@@ -6,15 +10,28 @@ import asyncio
 
 import httpx
 import pytest
+from stub_sglang import SAMPLED, StubSGLang
 
+from art_sglang.chat import ChatTemplate
 from art_sglang.gateway import Gateway
 
 CHAT = {"messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 3, "temperature": 0.0}
 
 
+@pytest.fixture(scope="module")
+def template(model_path):
+    return ChatTemplate.load(model_path)
+
+
 @pytest.fixture
-def gateway(lora_server):
-    g = Gateway(lora_server.base_url, "served", api_key="secret", hold_timeout=30)
+def stub():
+    with StubSGLang() as s:
+        yield s
+
+
+@pytest.fixture
+def gateway(stub, template):
+    g = Gateway(stub.base_url, "served", template=template, api_key="secret", hold_timeout=30)
     g.start()
     g.set_route("policy", 0, None)
     yield g
@@ -30,8 +47,9 @@ async def test_api_key_is_required_when_set(gateway):
         )
         assert r.status_code == 200
         choice = r.json()["choices"][0]
-        assert all(e["token"].startswith("token_id:") for e in choice["logprobs"]["content"])  # forced, exact ids
-        assert "meta_info" not in choice
+        # The engine's sampled ids, from its meta_info (asked for, then removed), in place of token text.
+        assert [e["token"] for e in choice["logprobs"]["content"]] == [f"token_id:{i}" for _, i in SAMPLED]
+        assert choice["token_ids"] == [i for _, i in SAMPLED] and "meta_info" not in choice
 
 
 @pytest.mark.parametrize(
@@ -81,7 +99,7 @@ async def test_requests_wait_at_a_closed_gate_and_go_when_it_opens(gateway):
     assert gateway.take_counters("policy") == {} and gateway.take_counters("other") == {}  # taken once
 
 
-async def test_sglangs_own_request_fields_are_dropped(gateway):
+async def test_sglangs_own_request_fields_are_dropped(gateway, stub, template):
     body = {
         **CHAT,
         "model": "policy",
@@ -95,12 +113,15 @@ async def test_sglangs_own_request_fields_are_dropped(gateway):
     ) as c:
         r = await c.post("/chat/completions", json=body)
     assert r.status_code == 200, r.text
-    data = r.json()
-    assert len(data["prompt_token_ids"]) > 3 and data["choices"][0]["token_ids"]
+    (sent,) = stub.sent()
+    rendered = template.render(CHAT["messages"], add_generation_prompt=True)
+    assert sent["input_ids"] == rendered and r.json()["prompt_token_ids"] == rendered  # the gateway's rendering
+    assert "rid" not in sent and "custom_logit_processor" not in sent and "lora_path" not in sent  # base route
+    assert sent["logprobs"] is True and sent["return_meta_info"] is True  # what exact ids need, always asked for
 
 
-async def test_a_step_is_answered_only_by_its_own_weights(gateway):
-    gateway.set_route("policy", 3, None, older={1: None})  # step 1 still loaded (leased), step 2 not
+async def test_a_step_is_answered_only_by_its_own_weights(gateway, stub):
+    gateway.set_route("policy", 3, "policy-step3", older={1: "policy-step1"})  # step 1 still loaded (leased), 2 not
     async with httpx.AsyncClient(
         base_url=gateway.base_url, timeout=120, headers={"Authorization": "Bearer secret"}
     ) as c:
@@ -108,6 +129,8 @@ async def test_a_step_is_answered_only_by_its_own_weights(gateway):
             r = await c.post("/chat/completions", json={**CHAT, "model": model})
             assert r.status_code == 200, r.text
             assert [ch["weight_version"] for ch in r.json()["choices"]] == [version]  # who sampled it
+            assert r.json()["metadata"]["weight_version"] == str(version)  # the adapter's, not the server's label
+            assert stub.sent()[-1]["lora_path"] == f"policy-step{version}"  # sent to that step's own adapter
         r = await c.post("/chat/completions", json={**CHAT, "model": "policy@2"})
         assert r.status_code == 404
         message = r.json()["error"]["message"]
@@ -115,3 +138,23 @@ async def test_a_step_is_answered_only_by_its_own_weights(gateway):
         assert "exact_adapter_lease(model, 2)" in message
         r = await c.post("/chat/completions", json={**CHAT, "model": "policy@4"})
         assert r.status_code == 404 and "does not exist yet: the newest is 3" in r.json()["error"]["message"]
+
+
+async def test_a_streaming_client_that_leaves_at_done_is_not_a_server_crash(gateway, stub):
+    """ART's client closes a stream as soon as it reads [DONE]; the gateway's end of the response then fails. That is
+    the client leaving: never a crash of the policy server, never a reason to send the request again."""
+    stub.linger = 0.5  # the server ends its response after the client has gone
+    body = {**CHAT, "model": "policy", "stream": True}
+    headers = {"Authorization": "Bearer secret"}
+    for _ in range(2):  # twice: a second such request must not be taken for a request that crashes the server
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30, headers=headers) as c:
+            async with c.stream("POST", "/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line == "data: [DONE]":
+                        break  # and close the connection
+        await asyncio.sleep(1.0)  # the gateway meets the closed connection
+    assert len(stub.sent()) == 2  # each request reached the server once
+    assert gateway.held == 0  # nothing was held for a server that went away
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30, headers=headers) as c:
+        assert (await c.post("/chat/completions", json={**CHAT, "model": "policy"})).status_code == 200

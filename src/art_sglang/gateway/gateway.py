@@ -640,19 +640,21 @@ class Gateway:
                         if prompt is not None:
                             self._annotate_chunk(chunk, prompt, replies)
                         line = b"data: " + json.dumps(chunk).encode() + b"\n"
-                    await response.write(line)
+                    if not await _to_client(response, line):
+                        return response  # the client left: leaving this block ends the upstream request too
             except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
                 # Part of the stream is with the client: it cannot be sent again, only ended with an error that
                 # says so (a clean end could be taken for a complete answer).
                 self.triage.crashed(ticket)
                 log.warning("gateway: upstream failed mid-stream (%s)", e)
-                await response.write(sse_error(502, f"the policy server failed mid-stream ({e}); the reply is cut off"))
+                await _to_client(response, sse_error(502, f"the policy server failed mid-stream ({e}); cut off"))
                 return response
             sampled = sum(len(r.ids) for r in replies.values() if r.ids is not None)
             if self.replies is not None and prompt is not None and sampled == completion_tokens:
                 for reply in replies.values():
                     self.replies.record(prompt, reply.message(), reply.ids)
-            await response.write_eof()
+            with contextlib.suppress(ConnectionResetError):  # a client that stops reading at [DONE] (ART's does)
+                await response.write_eof()
             return response
 
     def _annotate_chunk(self, chunk: dict[str, Any], prompt: Prompt, replies: dict[int, StreamedChoice]) -> None:
@@ -683,6 +685,16 @@ class Gateway:
         c["prompt_tokens"] += usage.get("prompt_tokens") or 0
         c["completion_tokens"] += usage.get("completion_tokens") or 0
         c["cached_tokens"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
+async def _to_client(response: web.StreamResponse, data: bytes) -> bool:
+    """Write to a streaming client; False if it has gone (aiohttp raises a ConnectionResetError that is also a
+    ClientConnectionError: caught here, so that it is never taken for the policy server going away)."""
+    try:
+        await response.write(data)
+    except ConnectionResetError:
+        return False
+    return True
 
 
 def _summed_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
