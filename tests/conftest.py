@@ -31,9 +31,58 @@ def _undo_arts_transformers_patch() -> None:
 _undo_arts_transformers_patch()
 
 
+# Two workers (`pytest -n 2`, as scripts/test.sh runs the suite): the tests that share a running server (a module- or
+# session-scoped fixture below) run on one worker, in file order; every other test goes wherever a worker is free.
+SHARED_SERVERS = {"lora_server", "trained", "agent", "one_off", "live"}
+# The longest first, so that the two workers end together (seconds per file, one run, docs/testing.md).
+WEIGHT = {
+    "test_replicas.py": 690,
+    "test_backend.py": 620,
+    "test_families.py": 590,
+    "test_agents.py": 400,
+    "test_reliability.py": 250,
+    "test_pipeline.py": 240,
+    "test_step.py": 220,
+    "test_server.py": 120,
+    "test_examples.py": 105,
+    "test_shared_server.py": 100,
+    "test_trainer.py": 80,
+    "test_demo.py": 80,
+    "test_art_suite.py": 75,
+}
+
+
+# The fast tier (`scripts/test.sh -m "not slow"`): everything but these files, the tests that use a shared server
+# and those marked slow, plus the tests marked smoke (one real server).
+SLOW_FILES = {
+    "test_agents.py",
+    "test_art_suite.py",
+    "test_backend.py",
+    "test_demo.py",
+    "test_examples.py",
+    "test_families.py",
+    "test_pipeline.py",
+    "test_reliability.py",
+    "test_shared_server.py",
+    "test_step.py",
+    "test_trainer.py",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        shared = sorted(SHARED_SERVERS & set(item.fixturenames))
+        if shared:
+            scope = "session" if shared == ["lora_server"] else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(f"{scope}:{'+'.join(shared)}"))
+        if (item.path.name in SLOW_FILES or shared) and not item.get_closest_marker("smoke"):
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: -WEIGHT.get(item.path.name, 0))  # stable: each file keeps its order
+
+
 def server_config(**overrides) -> SGLangConfig:
-    """A small CPU server: fp32 so that its logprobs match PEFT's, a small KV pool."""
-    values = dict(dtype="float32", max_total_tokens=8192, max_lora_rank=16, max_loras_per_batch=2, server_timeout=240.0)
+    """A small CPU server (dtype left at auto, as users get it: float32 here, as the trainer), a small KV pool."""
+    values = dict(max_total_tokens=8192, max_lora_rank=16, max_loras_per_batch=2, server_timeout=240.0)
     values.update(overrides)
     return SGLangConfig(**values)
 
