@@ -31,10 +31,10 @@ def _undo_arts_transformers_patch() -> None:
 _undo_arts_transformers_patch()
 
 
-# Two workers (`pytest -n 2`, as scripts/test.sh runs the suite): the tests that share a running server (a module- or
-# session-scoped fixture below) run on one worker, in file order; every other test goes wherever a worker is free.
-SHARED_SERVERS = {"lora_server", "trained", "agent", "one_off", "live"}
-# The longest first, so that the two workers end together (seconds per file, one run, docs/testing.md).
+# Two workers (`pytest -n 2 --dist loadfile`, as scripts/test.sh runs the suite): each file on one worker, so a
+# module's shared server (a module-scoped fixture) starts once; the longest files first, so that the two workers end
+# together (seconds per file, one run, docs/testing.md). (`--dist loadgroup` would split files further, but
+# pytest-xdist 3.8 sets a node id that pytest 9.2 no longer reads: its groups are ignored.)
 WEIGHT = {
     "test_replicas.py": 690,
     "test_backend.py": 620,
@@ -52,6 +52,8 @@ WEIGHT = {
 }
 
 
+# Fixtures that start a server for several tests.
+SHARED_SERVERS = {"lora_server", "trained", "agent", "one_off", "live"}
 # The fast tier (`scripts/test.sh -m "not slow"`): everything but these files, the tests that use a shared server
 # and those marked slow, plus the tests marked smoke (one real server).
 SLOW_FILES = {
@@ -71,10 +73,7 @@ SLOW_FILES = {
 
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        shared = sorted(SHARED_SERVERS & set(item.fixturenames))
-        if shared:
-            scope = "session" if shared == ["lora_server"] else item.module.__name__
-            item.add_marker(pytest.mark.xdist_group(f"{scope}:{'+'.join(shared)}"))
+        shared = SHARED_SERVERS & set(item.fixturenames)
         if (item.path.name in SLOW_FILES or shared) and not item.get_closest_marker("smoke"):
             item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: -WEIGHT.get(item.path.name, 0))  # stable: each file keeps its order

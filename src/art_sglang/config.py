@@ -203,7 +203,7 @@ class SGLangConfig:
     dtype: str = "auto"  # the server's --dtype; auto: the trainer's (float32 on the CPU, bfloat16 on a GPU)
     max_lora_rank: int = 16
     lora_target_modules: list[str] | None = None  # --lora-target-modules; None: the layers the trainer adapts
-    max_total_tokens: int | None = None  # KV pool size; None: 131072 on the CPU, SGLang's choice on a GPU
+    max_total_tokens: int | None = None  # KV pool size; None: 65536 on the CPU, SGLang's choice on a GPU
     cpu_threads: int = 1  # OMP_NUM_THREADS of a CPU server: it shares the cores with the trainer
     enable_memory_saver: bool | None = None  # None: on in shared mode on a GPU
     chat_template: str | None = None  # a Jinja file for the server, the gateway and the trainer; None: the model's

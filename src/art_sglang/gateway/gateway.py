@@ -627,6 +627,7 @@ class Gateway:
             await response.prepare(request)
             replies: dict[int, StreamedChoice] = {}
             completion_tokens = None
+            client_gone = False
             try:
                 async for line in upstream.content:
                     if line.startswith(b"data: {"):
@@ -641,7 +642,8 @@ class Gateway:
                             self._annotate_chunk(chunk, prompt, replies)
                         line = b"data: " + json.dumps(chunk).encode() + b"\n"
                     if not await _to_client(response, line):
-                        return response  # the client left: leaving this block ends the upstream request too
+                        client_gone = True  # leaving this block ends the upstream request too
+                        break
             except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
                 # Part of the stream is with the client: it cannot be sent again, only ended with an error that
                 # says so (a clean end could be taken for a complete answer).
@@ -649,12 +651,15 @@ class Gateway:
                 log.warning("gateway: upstream failed mid-stream (%s)", e)
                 await _to_client(response, sse_error(502, f"the policy server failed mid-stream ({e}); cut off"))
                 return response
+            # Remembered when whole (the usage chunk came after every token): also when the client left after it,
+            # as ART's does at [DONE].
             sampled = sum(len(r.ids) for r in replies.values() if r.ids is not None)
             if self.replies is not None and prompt is not None and sampled == completion_tokens:
                 for reply in replies.values():
                     self.replies.record(prompt, reply.message(), reply.ids)
-            with contextlib.suppress(ConnectionResetError):  # a client that stops reading at [DONE] (ART's does)
-                await response.write_eof()
+            if not client_gone:
+                with contextlib.suppress(ConnectionResetError):
+                    await response.write_eof()
             return response
 
     def _annotate_chunk(self, chunk: dict[str, Any], prompt: Prompt, replies: dict[int, StreamedChoice]) -> None:

@@ -37,7 +37,7 @@ KEYED_LAUNCH = (
 )
 
 CPU_LAUNCH_DIR = Path(__file__).parent / "cpu_launch"
-CPU_DEFAULT_MAX_TOTAL_TOKENS = 131072
+CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536  # SmolLM2 in float32: 3 GB of KV
 
 
 def check_port_free(host: str, port: int) -> None:
