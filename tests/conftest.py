@@ -92,6 +92,14 @@ def model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_base(model_path, tmp_path_factory) -> Path:
+    """SmolLM2's shape at 2 layers x 64, random weights, its tokenizer and template: for plumbing tests."""
+    from families import tiny_smollm2
+
+    return tiny_smollm2(model_path, tmp_path_factory.getbasetemp() / "tiny-smollm2")
+
+
+@pytest.fixture(scope="session")
 def log_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("logs")
 

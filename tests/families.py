@@ -105,3 +105,31 @@ def describe(model_dir: Path) -> dict[str, Any]:
         "architecture": config["architectures"][0],
         "tie_word_embeddings": config.get("tie_word_embeddings", False),
     }
+
+
+def tiny_smollm2(smollm2: Path, target: Path, seed: int = 0) -> Path:
+    """SmolLM2-135M-Instruct's architecture, tokenizer and chat template at WIDTH, random weights (reused when
+    complete): for tests of plumbing (routing, syncs, faults) where a real model's text adds nothing but time."""
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(smollm2))
+    for key, value in {**WIDTH, "initializer_range": 0.1}.items():
+        setattr(config, key, value)
+    config.dtype = "float32"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for f in smollm2.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+                shutil.copy(f, tmp / f.name)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

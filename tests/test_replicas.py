@@ -1,5 +1,6 @@
-"""Two SGLang replicas of SmolLM2-135M-Instruct behind the gateway, through ART's API, on this CPU (each replica and
-the trainer one thread: throughput does not scale here; this is about exactness and failures)."""
+"""Two SGLang replicas behind the gateway, through ART's API, on this CPU (each replica and the trainer one thread:
+throughput does not scale here; this is about exactness and failures, so the model is SmolLM2's shape at 2 layers of
+random weights, tests/families.py's tiny_smollm2)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ from art_sglang.tasks import ONE_WORD_INSTRUCTION, ONE_WORD_QUESTIONS
 from art_sglang.trainer.data import prepare
 
 QUESTIONS = ONE_WORD_QUESTIONS[:4]
+# The servers run a 2-layer SmolLM2 of random weights (tests/families.py: tiny_smollm2): routing, syncs and faults are
+# what is tested here, and its steps and samples cost little. A learning rate that moves its peaked policy measurably.
+LR = 1e-2
+LONG = 512  # tokens of a rollout that must still run when a replica is killed (the tiny model decodes fast)
 
 
 def question_message(question: str) -> dict[str, str]:
@@ -98,13 +103,13 @@ async def replicas_serve(run, groups) -> list[float]:
 
 
 @pytest.mark.slow
-async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
+async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path, tiny_base):
     backend = SGLangBackend(
         path=tmp_path,
         sglang_config=SGLangConfig(max_total_tokens=16384, server_timeout=240, replicas=2),
         trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
     )
-    model = art.TrainableModel(name="twins", run_name="twins", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="twins", run_name="twins", project="tests", base_model=str(tiny_base))
     processes: set[int] = set()
     try:
         await model.register(backend)
@@ -121,10 +126,10 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
             groups = await gather(model, QUESTIONS)
             if step == 1:
                 first = [g.model_copy(deep=True) for g in groups]
-                result = await backend.train(model, groups, learning_rate=2e-4)
+                result = await backend.train(model, groups, learning_rate=LR)
                 assert sum(upstreams.sent) == 16, upstreams.sent  # each request sent once
             else:  # while rollouts keep coming: none fails, none answered by another version than its label's
-                result = await train_under_load(backend, model, groups, learning_rate=2e-4)
+                result = await train_under_load(backend, model, groups, learning_rate=LR)
             assert result.step == step
             # The new policy is on every replica before anything is routed to it: same label, same adapters, and
             # each serves exactly the trainer's policy.
@@ -139,9 +144,9 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
         # SIGKILL one replica while 16 rollouts run: its requests go to the other; nothing fails.
         victim = replicas.replicas[0]
         old_pid = victim.pid
-        rollouts = asyncio.create_task(gather(model, QUESTIONS, max_tokens=24, ignore_eos=True))
+        rollouts = asyncio.create_task(gather(model, QUESTIONS, max_tokens=LONG, ignore_eos=True))
         await wait_until(lambda: sum(run.gateway.in_flight.values()) >= 8, what="rollouts in flight")
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.2)
         cut_off = upstreams.busy[0]
         os.killpg(old_pid, signal.SIGKILL)
         await wait_until(lambda: 0 not in run.client.admitted, timeout=5, what="the dead replica taken out")
@@ -159,7 +164,7 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
         assert all(g < 1e-3 for g in gaps), gaps
         # The next step goes to both.
         groups = await gather(model, QUESTIONS)
-        result = await backend.train(model, groups, learning_rate=2e-4)
+        result = await backend.train(model, groups, learning_rate=LR)
         assert result.step == 3
         gaps = await replicas_serve(run, groups)
         assert all(g < 1e-3 for g in gaps), gaps
@@ -177,7 +182,7 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path):
 
 @pytest.mark.parametrize("method", ["disk", "restart"])
 @pytest.mark.slow
-async def test_two_replicas_take_merged_weights_under_load(tmp_path, method):
+async def test_two_replicas_take_merged_weights_under_load(tmp_path, method, tiny_base):
     """`disk` (all replicas updated under the gate) and `restart` (a rolling restart, the other replica serving):
     rollouts sent throughout a step all complete, each carrying the logprobs of the policy its label names; after
     each step both replicas report it and serve the trainer's policy. `disk` also: a replica killed mid-rollout and
@@ -187,7 +192,7 @@ async def test_two_replicas_take_merged_weights_under_load(tmp_path, method):
         sglang_config=SGLangConfig(max_total_tokens=16384, server_timeout=240, replicas=2, weight_sync_method=method),
         trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
     )
-    model = art.TrainableModel(name=f"twins-{method}", run_name="twins", project="tests", base_model=BASE)
+    model = art.TrainableModel(name=f"twins-{method}", run_name="twins", project="tests", base_model=str(tiny_base))
     processes: set[int] = set()
     try:
         await model.register(backend)
@@ -199,7 +204,7 @@ async def test_two_replicas_take_merged_weights_under_load(tmp_path, method):
 
         # Step 1 while rollouts keep coming.
         groups = await gather(model, QUESTIONS)
-        result = await train_under_load(backend, model, groups)
+        result = await train_under_load(backend, model, groups, learning_rate=LR)
         assert result.step == 1 and replicas.restarts == 0  # (a roll's restarts are not crashes)
         gaps = await replicas_serve(run, groups)
         assert all(g < 1e-3 for g in gaps), gaps
@@ -212,7 +217,7 @@ async def test_two_replicas_take_merged_weights_under_load(tmp_path, method):
             # not repeated here, each server start costs ~60 s of the CI's time on this CPU.)
             victim = replicas.replicas[0]
             old_pid = victim.pid
-            rollouts = asyncio.create_task(gather(model, QUESTIONS, max_tokens=24, ignore_eos=True))
+            rollouts = asyncio.create_task(gather(model, QUESTIONS, max_tokens=LONG, ignore_eos=True))
             await wait_until(lambda: gateway.upstreams.busy[0] > 0, what="rollouts on replica 0")
             os.killpg(old_pid, signal.SIGKILL)
             groups = await asyncio.wait_for(rollouts, timeout=600)
@@ -228,7 +233,7 @@ async def test_two_replicas_take_merged_weights_under_load(tmp_path, method):
 
             # Step 2 goes to the other layers directory (the replica restarted above read step 1's).
             served = run.client.layers[0]
-            result = await backend.train(model, groups, learning_rate=1e-3)
+            result = await backend.train(model, groups, learning_rate=LR)
             assert result.step == 2 and run.restarts == 0
             gaps = await replicas_serve(run, groups)
             assert all(g < 1e-3 for g in gaps), gaps
@@ -346,12 +351,12 @@ def children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-async def test_a_server_started_elsewhere_is_attached_by_url(tmp_path, model_path):
+async def test_a_server_started_elsewhere_is_attached_by_url(tmp_path, tiny_base):
     """`art-sglang serve` starts a server as another host would; the backend attaches it by URL (with an API key),
     trains through it, rides out an outage (the server's processes stopped: a hung or cut-off host), and leaves it
     running, without its adapters, when it closes."""
     port, key = free_port(), "elsewhere-key"
-    command = [sys.executable, "-m", "art_sglang.cli", "serve", "--model", str(model_path), "--port", str(port)]
+    command = [sys.executable, "-m", "art_sglang.cli", "serve", "--model", str(tiny_base), "--port", str(port)]
     command += ["--max-total-tokens", "16384", "--timeout", "240"]
     command += ["--log", str(tmp_path / "elsewhere.log")]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "ART_SGLANG_API_KEY": key}
@@ -362,19 +367,19 @@ async def test_a_server_started_elsewhere_is_attached_by_url(tmp_path, model_pat
         sglang_config=SGLangConfig(servers=[url], api_key=key, server_timeout=240),
         trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
     )
-    model = art.TrainableModel(name="elsewhere", run_name="elsewhere", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="elsewhere", run_name="elsewhere", project="tests", base_model=str(tiny_base))
     try:
         await model.register(backend)  # waits for the server to answer, then checks it
         run = backend.model_run(model)
         assert isinstance(run.server, ReplicaSet) and run.server.urls == [url] and run.client.by_tensors
-        assert run.gateway.served_model == model_path.name  # the name it serves under, as it reports it
+        assert run.gateway.served_model == tiny_base.name  # the name it serves under, as it reports it
         (server_group,) = children(serve.pid)  # SGLang, in its own process group under `serve`
         # The key reached SGLang (the backend's calls authenticate) but no command line, which `ps` shows to all.
         for pid in process_group_members(server_group) | {serve.pid}:
             assert key not in (Path("/proc") / str(pid) / "cmdline").read_text(), pid
         assert (tmp_path / "elsewhere.log").stat().st_mode & 0o077 == 0  # SGLang logs its arguments there
         groups = await gather(model, QUESTIONS)
-        result = await backend.train(model, groups, learning_rate=2e-4)
+        result = await backend.train(model, groups, learning_rate=LR)
         assert result.step == 1
         gaps = await replicas_serve(run, groups)
         assert all(g < 1e-3 for g in gaps), gaps
