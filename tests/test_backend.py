@@ -239,13 +239,15 @@ async def _requests_during(model, coro, n: int = 6):
 
 
 @pytest.mark.parametrize("method", ["disk", "restart"])
-async def test_merged_weight_sync_methods(method, tmp_path):
-    model = art.TrainableModel(name=f"m-{method}", run_name=f"m-{method}", project="tests", base_model=BASE)
+async def test_merged_weight_sync_methods(method, tmp_path, tiny_base):
+    """On SmolLM2's shape at 2 layers of random weights (what is tested is the sync, not learning), at a learning rate
+    that moves its policy far beyond the gap tolerance, so that a sync that loaded nothing would show."""
+    model = art.TrainableModel(name=f"m-{method}", run_name=f"m-{method}", project="tests", base_model=str(tiny_base))
     async with make_backend(tmp_path, method) as backend:
         await model.register(backend)
         for step in (1, 2):
             groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)
-            result, errors = await _requests_during(model, backend.train(model, groups, learning_rate=2e-4))
+            result, errors = await _requests_during(model, backend.train(model, groups, learning_rate=1e-2))
             assert errors == [], errors  # requests sent during the sync completed
             assert result.step == step
             after = await rollout(model, ONE_WORD_QUESTIONS[0])
@@ -258,9 +260,10 @@ async def test_merged_weight_sync_methods(method, tmp_path):
         assert result.metrics[f"sync/{'update' if method == 'disk' else 'restart'}_seconds"] > 0
 
 
-async def test_shared_mode_time_shares_with_the_stop_start_fallback(tmp_path, monkeypatch):
+async def test_shared_mode_time_shares_with_the_stop_start_fallback(tmp_path, monkeypatch, tiny_base):
     """Shared mode's flow on this CPU: release is unavailable here, so the server stops while the trainer works
-    and starts again on the new policy. (On a GPU the same flow uses release/resume_memory_occupation.)"""
+    and starts again on the new policy. (On a GPU the same flow uses release/resume_memory_occupation.) The tiny
+    random model: what is tested is the flow."""
     from art_sglang import SGLangServer
     from art_sglang.config import Placement
     from art_sglang.trainer.worker import TrainerGroup
@@ -274,7 +277,7 @@ async def test_shared_mode_time_shares_with_the_stop_start_fallback(tmp_path, mo
             return await _original(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, name, recorded)
-    model = art.TrainableModel(name="shared", run_name="shared", project="tests", base_model=BASE)
+    model = art.TrainableModel(name="shared", run_name="shared", project="tests", base_model=str(tiny_base))
     backend = make_backend(tmp_path)
     backend.placement = Placement("shared", None, [], "forced for this test")
     async with backend:
@@ -285,7 +288,7 @@ async def test_shared_mode_time_shares_with_the_stop_start_fallback(tmp_path, mo
         assert run.timeshare is not None and run.timeshare.use_release is False
         groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)
         first_pid = run.server.pid
-        result, errors = await _requests_during(model, backend.train(model, groups, learning_rate=2e-4))
+        result, errors = await _requests_during(model, backend.train(model, groups, learning_rate=1e-2))
         assert errors == []
         assert result.step == 1 and run.server.pid != first_pid and run.server.running
         after = await rollout(model, ONE_WORD_QUESTIONS[0])

@@ -33,6 +33,10 @@ ADAPTED = {
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
+# `restart` serves the checkpoint's own tensors with `disk`'s merged layers: after `disk` passes for a family, only the
+# layouts beyond Llama's can break it (fused layers, tied embeddings, Gemma's norms, experts). The Llama-like families
+# (qwen2, qwen3, mistral) skip its server restart, ~25 s each.
+RESTARTED = {"llama", "gemma", "phi3", "qwen3_moe"}
 CONVERSATION = [
     {"role": "system", "content": "You answer briefly."},
     {"role": "user", "content": "Name a fruit."},
@@ -98,7 +102,7 @@ async def test_family_serves_trains_and_syncs_exactly(name, family_root, tmp_pat
         row["step 0 gap"] = gap
         assert gap < TOLERANCE, (name, "base model", gap)
 
-        for step, method in enumerate(("lora", "disk", "restart"), start=1):
+        for step, method in enumerate(("lora", "disk", "restart") if name in RESTARTED else ("lora", "disk"), 1):
             if run.sync.method != method:  # the same run, another sync method for this step
                 run.sync = METHODS[method](run.sync.ctx)
             groups = await gather(model, ["Name a fruit.", "Name a colour."], group_size=3)

@@ -48,9 +48,16 @@ async def fixed_sequence_logprobs(run, adapter: str | None) -> tuple[list[float]
 
 
 async def run_pipeline(
-    art_path, name: str, max_steps_off_policy: int, steps: int, eval_every: int = 0, retention=None, **options
+    art_path,
+    name: str,
+    max_steps_off_policy: int,
+    steps: int,
+    eval_every: int = 0,
+    retention=None,
+    base: str = BASE,
+    **options,
 ):
-    model = art.TrainableModel(name=name, run_name=name, project="tests", base_model=BASE)
+    model = art.TrainableModel(name=name, run_name=name, project="tests", base_model=base)
     backend = make_backend(art_path)
     await model.register(backend)
     run = backend.model_run(model)
@@ -210,14 +217,15 @@ async def test_a_lease_that_cannot_be_served_says_why(one_off):
             pass
 
 
-async def test_two_steps_off_policy_with_a_kl_penalty_on_a_lagged_step(tmp_path_factory):
+async def test_two_steps_off_policy_with_a_kl_penalty_on_a_lagged_step(tmp_path_factory, tiny_base):
     """PipelineTrainer's KL lag: each step (saved with save_checkpoint=False, no eval) asks for the step before as
-    its KL reference, which ART's semantics keep on disk."""
+    its KL reference, which ART's semantics keep on disk. (The tiny random model: nothing here is about learning.)"""
     record = await run_pipeline(
         tmp_path_factory.mktemp("art"),
         "pipe2",
         max_steps_off_policy=2,
         steps=3,
+        base=str(tiny_base),
         kl_penalty_coef=0.05,
         kl_penalty_step_lag=1,
     )

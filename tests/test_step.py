@@ -164,9 +164,12 @@ async def test_two_train_calls_at_once_run_one_after_the_other(live):
     assert len(list(run.model_dir.glob("packed_tensors_plot_*.png"))) == 1  # ART's plot_tensors, for one call
 
 
-async def test_shared_mode_resume_fails(tmp_path):
-    """Shared mode's stop/start time-share on this CPU: the server fails to come back after the trainer's turn."""
-    model = art.TrainableModel(name="shared-atomic", run_name="shared-atomic", project="tests", base_model=BASE)
+async def test_shared_mode_resume_fails(tmp_path, tiny_base):
+    """Shared mode's stop/start time-share on this CPU: the server fails to come back after the trainer's turn. (The
+    tiny random model: what is tested is the recovery.)"""
+    model = art.TrainableModel(
+        name="shared-atomic", run_name="shared-atomic", project="tests", base_model=str(tiny_base)
+    )
     backend = make_backend(tmp_path)
     backend.placement = Placement("shared", None, [], "forced for this test")
     async with backend:
