@@ -1,7 +1,7 @@
 """Weight-sync latency: from "the trainer finished the step" to "the new policy generated its first token".
 
 For each method, a real SGLangBackend on SmolLM2-135M-Instruct takes small RL steps; each step's sync time (from
-the backend's metrics: optimizer stepped -> new policy routed; the checkpoint is written after) plus the time to
+the backend's metrics: optimizer stepped -> new policy routed, its checkpoint written meanwhile) plus the time to
 first token of a streamed request sent right after (which must report the new weight_version) is one sample. Then
 the same under load: 64 requests in flight while a step syncs; their errors (must be 0) and the latency the sync
 added to them.
@@ -53,11 +53,13 @@ async def first_token(model: art.TrainableModel, expect_version: int) -> float:
         max_tokens=4,
         stream=True,
     )
-    ttft = None
+    ttft, versions = None, set()
     async for chunk in stream:
+        if chunk.choices:  # each streamed choice names the step that sampled it
+            versions.add(str((chunk.choices[0].model_extra or {}).get("weight_version")))
         if ttft is None and chunk.choices and chunk.choices[0].delta.content:
             ttft = time.perf_counter() - t0
-    assert model.get_inference_name().endswith(f"@{expect_version}")
+    assert versions == {str(expect_version)}, versions
     return ttft if ttft is not None else time.perf_counter() - t0
 
 
@@ -80,15 +82,16 @@ async def load_requests(model: art.TrainableModel, n: int) -> tuple[list[float],
 
 async def measure(method: str, syncs: int, load: int, workdir: Path) -> dict:
     model = art.TrainableModel(name=f"bench-{method}", run_name=f"bench-{method}", project="bench", base_model=BASE)
+    sync = method.removesuffix("-tensors")
     backend = SGLangBackend(
         path=workdir / method,
-        sglang_config=SGLangConfig(
-            dtype="float32", max_total_tokens=32768, weight_sync_method=method, server_timeout=300
-        ),
+        sglang_config=SGLangConfig(max_total_tokens=32768, weight_sync_method=sync, server_timeout=300),
     )
     out: dict = {"method": method}
     async with backend:
         await model.register(backend)
+        if method == "lora-tensors":  # the way to a server elsewhere: the adapter as tensors in the request
+            backend.model_run(model).client.by_tensors = True
         samples, sync_only, bytes_moved = [], [], []
         parts: dict[str, list[float]] = {}
         for _ in range(syncs):
@@ -155,7 +158,9 @@ def plot(results: dict, path: Path) -> None:
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--syncs", type=int, default=10)
-    p.add_argument("--methods", default="lora,disk,restart")
+    p.add_argument(
+        "--methods", default="lora,lora-tensors,disk,restart", help="lora-tensors: lora as for a server elsewhere"
+    )
     p.add_argument("--load", type=int, default=64, help="requests in flight for the under-load run (0: skip)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()

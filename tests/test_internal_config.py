@@ -85,7 +85,7 @@ def test_lora_given_twice_is_refused():
         ({"bias": "all"}, None, "lora_config.bias"),
         ({"modules_to_save": ["lm_head"]}, None, "lora_config.modules_to_save"),
         ({"init_weights": "pissa"}, None, "lora_config.init_weights"),
-        ({"use_gradient_checkpointing": "unsloth"}, None, "lora_config.use_gradient_checkpointing"),
+        ({"use_gradient_checkpointing": "offload"}, None, "lora_config.use_gradient_checkpointing"),
         ({"loftq_config": {}}, None, "lora_config.loftq_config"),
         ({"dropout": 1.5}, None, "lora_config.dropout"),
         ({"rank": 0}, None, "lora_config.rank"),
@@ -295,7 +295,20 @@ def test_trainer_args_map_or_change_nothing():
         optim="adamw_torch",
     )
     out = apply(IMC(trainer_args=args))
-    assert out.trainer == TrainerConfig(max_grad_norm=1.0)
+    assert out.trainer == TrainerConfig(max_grad_norm=1.0, gradient_checkpointing=False)
+
+
+@pytest.mark.parametrize(
+    ("internal", "lora_config"),
+    [
+        (IMC(init_args={"use_gradient_checkpointing": "unsloth"}), None),  # ART's default
+        (None, {"use_gradient_checkpointing": True}),
+        (IMC(trainer_args={"gradient_checkpointing": True}), None),
+    ],
+)
+def test_art_gradient_checkpointing_turns_it_on(internal, lora_config):
+    assert TrainerConfig().gradient_checkpointing is None  # not asked: on a GPU, off on the CPU
+    assert apply(internal, lora_config=lora_config).trainer.gradient_checkpointing is True
 
 
 @pytest.mark.parametrize(
@@ -304,7 +317,7 @@ def test_trainer_args_map_or_change_nothing():
         ("adam_beta1", 0.8, "0.9"),
         ("optim", "paged_adamw_8bit", "AdamW"),
         ("gradient_accumulation_steps", 4, "grad_accumulation_sequences"),
-        ("gradient_checkpointing", True, "micro_batch_tokens"),
+        ("gradient_checkpointing", "yes", "'unsloth'"),
         ("seed", 1, "random_state"),
         ("max_grad_norm", 0, "max_grad_norm"),
         ("max_steps", 10, "no trainer equivalent"),

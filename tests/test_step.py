@@ -80,11 +80,14 @@ async def test_adapter_load_refused(live):
     backend, model, groups = live
     run = backend.model_run(model)
     step = run.step
-    fake_refusal = SGLangAPIError("/load_lora_adapter_from_tensors", 400, "injected: adapter refused")
-    fail_once(run.client, "load_lora_adapter_from_tensors", fake_refusal)
+    fake_refusal = SGLangAPIError("/load_lora_adapter", 400, "injected: adapter refused")
+    fail_once(run.client, "load_lora_adapter", fake_refusal)
     with pytest.raises(StepFailedError, match=rf"(?s)step {step + 1} failed in the publish stage.*injected"):
         await backend.train(model, groups, learning_rate=1e-4)
     await assert_back_at(backend, model, step)
+    # The refused adapter's file is gone from the RAM disk; those of the adapters still loaded stay.
+    files = {p.name for p in (run.merged_root / "adapters").iterdir()}
+    assert files <= set(run.sync.loaded.values()), (files, run.sync.loaded)
     await retry_takes_one_update(backend, model, groups, step + 1)
 
 

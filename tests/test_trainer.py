@@ -278,6 +278,39 @@ def test_chunked_logprobs_and_their_gradient_match_full_vocabulary_autograd(chun
     assert not entropy.requires_grad
 
 
+def test_recomputed_activations_and_split_micro_batches_take_the_same_step(tok, tiny_model):
+    """Activation checkpointing (ART's default on a GPU, TrainerConfig.gradient_checkpointing) changes memory, not the
+    step; a sequence longer than micro_batch_tokens is trained in a micro-batch of its own, not dropped."""
+    from art_sglang.trainer.core import PolicyTrainer
+
+    seqs = prepare(yes_no_groups(tok, 2, 4), ChatTemplate(tok), allow_training_without_logprobs=True).sequences
+    longest = max(len(s) for s in seqs)
+    options = StepOptions(learning_rate=1e-2, loss=LossConfig(loss_fn="ppo"))
+    steps = []
+    for budget, checkpointing in ((longest * len(seqs), False), (longest - 1, False), (longest - 1, True)):
+        settings = TrainerSettings(
+            str(tiny_model),
+            lora_rank=4,
+            seed=3,
+            threads=1,
+            micro_batch_tokens=budget,
+            gradient_checkpointing=checkpointing,
+        )
+        trainer = PolicyTrainer(settings)
+        assert trainer.model.is_activation_checkpointing == checkpointing
+        metrics = trainer.train_step(seqs, options)
+        steps.append((metrics, {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}))
+    (whole, reference), *others = steps
+    for metrics, adapter in others:
+        assert metrics["loss_sum"] == pytest.approx(whole["loss_sum"], rel=1e-5)
+        assert metrics["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+        for name, weight in reference.items():
+            torch.testing.assert_close(adapter[name], weight, atol=1e-6, rtol=1e-5)
+    assert not PolicyTrainer(
+        TrainerSettings(str(tiny_model), threads=1)
+    ).model.is_activation_checkpointing  # CPU default
+
+
 def test_right_padding_without_a_mask_changes_no_logprob(tiny_model):
     from art_sglang.trainer.core import PolicyTrainer
 

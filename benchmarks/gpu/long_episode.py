@@ -3,12 +3,12 @@ gradient checkpointing off and on; and the trainer's side of a `lora` sync for a
 
 Model: random weights in Qwen2.5-7B's shape (benchmarks/shared_budget.py's), bf16, LoRA r16 (alpha 32) on all
 linear layers, fp32 adapters and AdamW state, the trainer's defaults otherwise (compiled layers on a GPU).
-`TrainerSettings.gradient_checkpointing` is set here directly (no config reaches it yet). Each setting runs in its
-own process (a clean allocator and peak counter); per length: one warm-up step (compiles), then one measured step:
-its time (tokens/s = the sequence's tokens / step seconds) and peak allocated memory; an out-of-memory error is
-recorded as "OOM". With checkpointing the lengths run longest first, without it shortest first, so that what
-each setting is for is measured first if time runs out. The model is built and written to /dev/shm by a process
-of its own, so that no other CUDA context shares the GPU with the measured ones.
+`TrainerSettings.gradient_checkpointing` is set here directly (`TrainerConfig.gradient_checkpointing` sets it).
+Each setting runs in its own process (a clean allocator and peak counter); per length: one warm-up step
+(compiles), then one measured step: its time (tokens/s = the sequence's tokens / step seconds) and peak allocated
+memory; an out-of-memory error is recorded as "OOM". With checkpointing the lengths run longest first, without it
+shortest first, so that what each setting is for is measured first if time runs out. The model is built and written
+to /dev/shm by a process of its own, so that no other CUDA context shares the GPU with the measured ones.
 The first process also times `PolicyTrainer.adapter_payload()` (optimizer step -> the adapter packed for
 `/load_lora_adapter_from_tensors`), and what carrying it costs before HTTP (the worker's pipe, base64), as
 benchmarks/shared_budget.py does, and writing the adapter to a tmpfs file as safetensors.

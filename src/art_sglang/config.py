@@ -386,6 +386,10 @@ class TrainerConfig:
     max_sequence_length: int | None = None  # longer training sequences are skipped or truncated, and counted
     overlong: Literal["skip", "truncate"] = "skip"
     micro_batch_tokens: int = 8192
+    # Activations recomputed layer by layer in the backward: long episodes fit (a 7B model's 32k-token sequence in
+    # 32 GiB on an H100, where 16k ran out of memory without). None: on a GPU, as ART's default ("unsloth"); off on
+    # the CPU, where sequences are short and compute is what is scarce.
+    gradient_checkpointing: bool | None = None
     dtype: str = "auto"  # auto: the server's (float32 on the CPU, bfloat16 on a GPU)
     cpu_threads: int = 1  # torch threads of a CPU trainer (it shares the cores with the server)
     seed: int = 0
@@ -405,6 +409,8 @@ class TrainerConfig:
             raise ConfigError("max_sequence_length", self.max_sequence_length, "None or an integer >= 2")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        if self.gradient_checkpointing not in (None, True, False):
+            raise ConfigError("gradient_checkpointing", self.gradient_checkpointing, "None (auto), True or False")
         modules = self.target_modules
         if not (isinstance(modules, list | tuple) and modules and all(isinstance(m, str) for m in modules)):
             raise ConfigError("target_modules", modules, f"a non-empty list of module names, e.g. {list(ALL_LINEAR)}")

@@ -145,6 +145,14 @@ def _fixed(key: str, value: Any, allowed: tuple[Any, ...], why: str) -> None:
         raise ConfigError(key, value, f"only {shown} here: {why}")
 
 
+def _checkpointing(key: str, value: Any) -> bool:
+    """Unsloth's use_gradient_checkpointing (True, False, or "unsloth": ART's default, which also offloads the
+    saved activations to the CPU) or transformers' gradient_checkpointing, as TrainerConfig.gradient_checkpointing."""
+    if isinstance(value, bool) or value == "unsloth":
+        return value is True or value == "unsloth"
+    raise ConfigError(key, value, "True, False or 'unsloth' (activations recomputed layer by layer in the backward)")
+
+
 def _unknown(key: str, value: Any, meaning: str, known: list[str], hint: str = "") -> ConfigError:
     """The error for a key with no meaning here; it lists the keys of its section that are mapped."""
     section = key.split(".")[0]
@@ -170,15 +178,16 @@ def _replace(config: _Config, changes: Changes) -> _Config:
 
 
 # -- init_args (Unsloth's FastLanguageModel.from_pretrained) ------------------------------------------------------
-_INIT_FIELDS = {"max_seq_length": "max_sequence_length", "dtype": "dtype", "random_state": "seed"}
+_INIT_FIELDS = {
+    "max_seq_length": "max_sequence_length",
+    "dtype": "dtype",
+    "random_state": "seed",
+    "use_gradient_checkpointing": "gradient_checkpointing",
+}
 _INIT_FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
     "load_in_4bit": ((False,), "the trainer loads the base weights unquantized (TrainerConfig.dtype)"),
     "load_in_8bit": ((False,), "the trainer loads the base weights unquantized (TrainerConfig.dtype)"),
     "full_finetuning": ((False,), "art-sglang trains a LoRA adapter"),
-    "use_gradient_checkpointing": (
-        (False,),
-        "the trainer does not recompute activations; lower TrainerConfig(micro_batch_tokens=...) to use less memory",
-    ),
 }
 _INIT_REFUSED = {
     "model_name": "the trainer loads the model's base_model, or its latest checkpoint",
@@ -195,6 +204,8 @@ def _init_args(init: dict[str, Any]) -> Changes:
         if key in _INIT_FIELDS:
             if key == "dtype":  # Unsloth: None (auto), a torch dtype or its name
                 value = "auto" if value is None else str(value).removeprefix("torch.")
+            elif key == "use_gradient_checkpointing":
+                value = _checkpointing(name, value)
             changes[_INIT_FIELDS[key]] = (_seed(name, value) if key == "random_state" else value, name)
         elif key in _INIT_FIXED:
             _fixed(name, value, *_INIT_FIXED[key])
@@ -213,6 +224,7 @@ _LORA_FIELDS = {
     "target_modules": "target_modules",
     "random_state": "seed",
     "max_seq_length": "max_sequence_length",
+    "use_gradient_checkpointing": "gradient_checkpointing",
 }
 _LORA_FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
     "bias": (("none",), "SGLang serves adapters without bias terms"),
@@ -221,7 +233,6 @@ _LORA_FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
     "layers_to_transform": ((None,), "every layer named in target_modules gets an adapter"),
     "layers_pattern": ((None,), "every layer named in target_modules gets an adapter"),
     "modules_to_save": ((None,), "only LoRA weights reach the server"),
-    "use_gradient_checkpointing": _INIT_FIXED["use_gradient_checkpointing"],
 }
 
 
@@ -248,6 +259,8 @@ def _lora(lora: dict[str, Any], prefix: str) -> tuple[Changes, dict[str, Any]]:
         if key in _LORA_FIELDS:
             if key == "random_state":
                 value = _seed(name, value)
+            elif key == "use_gradient_checkpointing":
+                value = _checkpointing(name, value)
             changes[_LORA_FIELDS[key]] = (list(value) if isinstance(value, tuple) else value, name)
         elif key == "dropout":
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
@@ -262,7 +275,7 @@ def _lora(lora: dict[str, Any], prefix: str) -> tuple[Changes, dict[str, Any]]:
 
 
 # -- trainer_args (transformers' TrainingArguments, through TRL's GRPOConfig) -------------------------------------
-_TRAINER_FIELDS = {"max_grad_norm": "max_grad_norm"}
+_TRAINER_FIELDS = {"max_grad_norm": "max_grad_norm", "gradient_checkpointing": "gradient_checkpointing"}
 # What the trainer does anyway (trainer/core.py): accepted at that value only.
 _TRAINER_FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
     "adam_beta1": ((0.9,), "AdamW's betas are (0.9, 0.99), ART's defaults"),
@@ -270,7 +283,6 @@ _TRAINER_FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
     "adam_epsilon": ((1e-8,), "AdamW's epsilon is torch's default, 1e-8"),
     "optim": (("adamw_torch", "adamw_torch_fused"), "the trainer uses torch's AdamW with fp32 adapter state"),
     "gradient_accumulation_steps": ((1,), "pass train(..., grad_accumulation_sequences=N) for N sequences a step"),
-    "gradient_checkpointing": _INIT_FIXED["use_gradient_checkpointing"],
 }
 # Ignored by ART's LocalBackend too (art/unsloth/train.py), so accepted with no effect here.
 _TRAINER_IGNORED = {
@@ -293,6 +305,7 @@ def _trainer_args(args: dict[str, Any]) -> Changes:
     for key, value in args.items():
         name = f"trainer_args.{key}"
         if key in _TRAINER_FIELDS:
+            value = _checkpointing(name, value) if key == "gradient_checkpointing" else value
             changes[_TRAINER_FIELDS[key]] = (value, name)
         elif key in _TRAINER_FIXED:
             _fixed(name, value, *_TRAINER_FIXED[key])

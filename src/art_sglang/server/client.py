@@ -53,6 +53,8 @@ class GenerateOutput:
 class SGLangClient:
     """Async client for one SGLang server at `base_url` (e.g. `SGLangServer.base_url`)."""
 
+    by_tensors = False  # adapters go to the server as tensors, not paths: it cannot read this machine's files
+
     def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 600.0) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None

@@ -1,7 +1,10 @@
 """`lora`: load the new adapter under a new name, route new requests to it, unload older ones once free.
 
-A step's new adapter goes from the trainer's memory to the server's (`/load_lora_adapter_from_tensors`), before its
-checkpoint is written; a step published again (after a failure or a server restart) loads from its checkpoint.
+A step's new adapter is written by the trainer to a RAM disk and loaded from there by path (`/load_lora_adapter`),
+while its checkpoint is written beside it; a server elsewhere gets the tensors instead
+(`/load_lora_adapter_from_tensors`: base64 in JSON, several times slower). The file stays while the adapter is loaded
+(SGLang reloads an evicted adapter from its path; a replica that comes back loads it again). A step published again
+(after a failure or a server restart) loads from its checkpoint.
 Each load gets a new name (SGLang keys its prefix cache by adapter id, and a request naming an unloaded adapter
 silently reloads it from its old path: so names are never reused and old names are never routed to).
 
@@ -17,24 +20,35 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import shutil
 import time
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 from .. import paths
 from ..errors import ArtSGLangError, LeaseError
 from .base import Durable, SyncContext, WeightSync
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-async def _both(durable: Durable | None, load: Awaitable[object]) -> None:
+async def _both(durable: Durable | None, load: Awaitable[object]) -> float:
     """The checkpoint and the adapter load side by side; both end before either's error is raised (the caller then
-    removes what the other left), the checkpoint's first."""
-    results = await asyncio.gather(durable() if durable else asyncio.sleep(0), load, return_exceptions=True)
+    removes what the other left), the checkpoint's first. Returns when the load alone ended."""
+    loaded = 0.0
+
+    async def timed() -> None:
+        nonlocal loaded
+        await load
+        loaded = time.monotonic()
+
+    results = await asyncio.gather(durable() if durable else asyncio.sleep(0), timed(), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
+    return loaded
 
 
 class LoraSync(WeightSync):
@@ -48,6 +62,7 @@ class LoraSync(WeightSync):
         self._server_pid: int | None = None
         self._lock = asyncio.Lock()  # changes of `loaded` and the routes
         self._unloads: set[asyncio.Task[None]] = set()
+        self._files = ctx.merged_root / "adapters"  # name -> the file a new step was loaded from
         ctx.leases.on_release = self._released
 
     @property
@@ -77,14 +92,17 @@ class LoraSync(WeightSync):
             return {"sync_seconds": time.monotonic() - started, "adapter_load_seconds": 0.0}
         name = self._new_name(step)
         metrics: dict[str, float] = {}
-        if (checkpoint / "adapter_model.safetensors").exists():
+        if durable is None:  # published again: its checkpoint is on disk
             await self._load(name, ctx.client.load_lora_adapter(name, str(checkpoint)))
-        else:  # a new step: the trainer holds it; its checkpoint is written while the server loads it
+            loaded = time.monotonic()
+        elif ctx.client.by_tensors:  # a new step, for a server elsewhere
             adapter = await ctx.trainer.adapter_payload()
             metrics = {"adapter_export_seconds": adapter["seconds"], "adapter_bytes": float(len(adapter["tensors"]))}
             load = ctx.client.load_lora_adapter_from_tensors(name, adapter["config"], adapter["tensors"])
-            await self._load(name, _both(durable, load))
-        loaded = time.monotonic()
+            loaded = await self._load(name, _both(durable, load))
+        else:  # a new step: the trainer holds it
+            written, loaded = await self._load(name, self._write_and_load(name, durable))
+            metrics = {"adapter_export_seconds": written["seconds"], "adapter_bytes": written["bytes"]}
         await self._load(name, ctx.client.update_weight_version(str(step)))
         async with self._lock:
             restarted = self._server_pid != ctx.server.pid
@@ -102,12 +120,14 @@ class LoraSync(WeightSync):
             self._unload_later(replaced)
         await self.prune(set())  # what the new step made unneeded
         if restarted:  # leased steps, and the one before, come back from their checkpoints
+            self._remove_files(keep=set(self.loaded.values()))
             wanted = ctx.leases.held() | ({self.previous} if self.previous is not None else set())
             for old in sorted(wanted - {step}):
                 try:
                     await self.serve(old)
                 except ArtSGLangError as e:
                     log.warning("step %d could not be loaded again after the server restarted: %s", old, e)
+        # adapter_load_seconds: servable on the server; sync_seconds: routed to (after the checkpoint, too)
         return {"sync_seconds": flipped - started, "adapter_load_seconds": loaded - started, **metrics}
 
     def _roll_back_to(self, step: int) -> None:
@@ -152,15 +172,30 @@ class LoraSync(WeightSync):
             self._route()
         log.info("loaded step %d of %s from %s for a lease", step, ctx.name, checkpoint)
 
-    async def _load(self, name: str, call: Awaitable[object]) -> None:
+    async def _write_and_load(self, name: str, durable: Durable | None) -> tuple[dict[str, float], float]:
+        """The trainer writes the adapter to the RAM disk; the server loads it from there while the checkpoint is
+        written. Returns what the write took and when the load ended."""
+        directory = self._files / name
+        written = await self.ctx.trainer.write_adapter(directory)
+        return written, await _both(durable, self.ctx.client.load_lora_adapter(name, str(directory)))
+
+    async def _load(self, name: str, call: Awaitable[T]) -> T:
         """Await a call that loads adapter `name` (or finishes its load); if it fails or is cut off, unload `name`:
         the server may hold it anyway."""
         try:
-            await call
+            return await call
         except BaseException:
             with contextlib.suppress(ArtSGLangError):  # best effort: the server may be gone
                 await self.ctx.client.unload_lora_adapter(name)
+            self._remove_files(names={name})
             raise
+
+    def _remove_files(self, names: set[str] | None = None, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        """Remove the RAM-disk copies of adapters no longer loaded: `names`, or every one but `keep`."""
+        if names is None:
+            names = {p.name for p in self._files.glob("*")} - keep if self._files.is_dir() else set()
+        for name in names:
+            shutil.rmtree(self._files / name, ignore_errors=True)
 
     async def _adapters_on_server(self) -> int:
         return len(await self.ctx.client.models()) - 1  # every model's adapters count
@@ -204,6 +239,8 @@ class LoraSync(WeightSync):
         except ArtSGLangError as e:
             log.warning("unloading adapter %s failed: %s", name, e)
             return
+        finally:
+            self._remove_files(names={name})
         if ctx.config.flush_cache_on_sync and await ctx.gateway.wait_idle(ctx.drain_timeout):
             with contextlib.suppress(ArtSGLangError):  # refused while requests run: harmless
                 await ctx.client.flush_cache()

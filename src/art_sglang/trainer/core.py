@@ -56,7 +56,7 @@ class TrainerSettings:
     max_grad_norm: float = 0.1  # ART's default
     micro_batch_tokens: int = 8192  # padded tokens per forward pass
     logprob_chunk: int = 1024  # target tokens per logits chunk
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: on a GPU
     compile: bool | None = None  # torch.compile each decoder layer; None: on a GPU (fuses the elementwise work)
     seed: int = 0
     threads: int | None = None  # torch threads on the CPU
@@ -74,6 +74,7 @@ class TrainerSettings:
             dtype=config.dtype,
             max_grad_norm=config.max_grad_norm,
             micro_batch_tokens=config.micro_batch_tokens,
+            gradient_checkpointing=config.gradient_checkpointing,
             seed=config.seed,
             threads=threads,
         )
@@ -216,8 +217,12 @@ class PolicyTrainer:
             for module in self.model.modules():
                 if isinstance(module, LoraLayer):
                     module.cast_input_dtype_enabled = False
-        if settings.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing = settings.gradient_checkpointing
+        if checkpointing or (checkpointing is None and self.device.type == "cuda"):
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+                self.model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
         if settings.compile or (settings.compile is None and self.device.type == "cuda"):
             from torch import _dynamo
@@ -509,13 +514,28 @@ class PolicyTrainer:
         """The adapter as the server loads it from memory: its PEFT config, and its tensors (PEFT's names) packed
         for `/load_lora_adapter_from_tensors` (valid until the next call); the time from here (the optimizer has
         stepped) to that payload."""
+        started = time.monotonic()
+        tensors = self._packer.pack(self._adapter_state())
+        return {"config": self._adapter_config(), "tensors": tensors, "seconds": time.monotonic() - started}
+
+    def write_adapter(self, directory: str | Path) -> dict[str, float]:
+        """The adapter as it is now, as a PEFT directory (adapter_model.safetensors, adapter_config.json) for the
+        server's load by path: one copy to host memory reused every step, one write (a RAM disk's, in the sync).
+        No fsync: this is the server's copy, not the checkpoint."""
         import json
 
         started = time.monotonic()
-        tensors = self._packer.pack(self._adapter_state())
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        size = self._packer.write_safetensors(self._adapter_state(), directory / "adapter_model.safetensors")
+        (directory / "adapter_config.json").write_text(json.dumps(self._adapter_config()))
+        return {"seconds": time.monotonic() - started, "bytes": float(size)}
+
+    def _adapter_config(self) -> dict[str, Any]:
+        import json
+
         config = self.model.peft_config["default"].to_dict()
-        config = json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-        return {"config": config, "tensors": tensors, "seconds": time.monotonic() - started}
+        return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
     def _adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter's live tensors under PEFT's names (those of adapter_model.safetensors)."""

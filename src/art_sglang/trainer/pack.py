@@ -94,6 +94,33 @@ class TensorPacker:
         del self._out[into.size :]
         return self._out
 
+    def write_safetensors(self, tensors: dict[str, torch.Tensor], path: str | Path) -> int:
+        """Write `tensors` as a safetensors file (what `save_file` writes) from the staging buffers: one
+        device-to-host copy, then one write per dtype. Returns the file's size."""
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for name, t in tensors.items():
+            by_dtype.setdefault(t.dtype, []).append(name)
+        header: dict[str, Any] = {}
+        buffers, offset = [], 0
+        for dtype, names in by_dtype.items():
+            staging = self._stage(names, tensors)
+            for n in names:
+                size = tensors[n].numel() * staging.element_size()
+                header[n] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(tensors[n].shape)}
+                header[n]["data_offsets"] = [offset, offset + size]
+                offset += size
+            buffers.append(staging.view(torch.uint8).numpy())
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(path, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little") + encoded)
+            for buffer in buffers:
+                f.write(memoryview(buffer))
+        return 8 + len(encoded) + offset
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
 
 def checkpoint_payload(directory: str | Path) -> tuple[dict[str, Any], bytes]:
     """A saved adapter (adapter_config.json, adapter_model.safetensors) as `/load_lora_adapter_from_tensors` takes

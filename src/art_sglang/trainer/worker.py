@@ -73,6 +73,7 @@ def _worker_main(address: str, rank: int, world_size: int, store_path: str) -> N
         "save_checkpoint": lambda directory, step: str(trainer.save_checkpoint(directory, step)),
         "load_checkpoint": lambda directory: trainer.load_checkpoint(directory),
         "adapter_payload": lambda: trainer.adapter_payload(),
+        "write_adapter": lambda directory: trainer.write_adapter(directory),
         "export_merged": trainer.export_merged,
         "offload": lambda: trainer.offload(),
         "reload": lambda: trainer.reload(),
@@ -367,6 +368,10 @@ class TrainerGroup:
     async def adapter_payload(self) -> dict[str, Any]:
         """The adapter as it is now, packed for the server's load from tensors (see PolicyTrainer.adapter_payload)."""
         return (await self.call("adapter_payload", ranks=[0]))[0]
+
+    async def write_adapter(self, directory: str | Path) -> dict[str, float]:
+        """The adapter as it is now, written as a PEFT directory (see PolicyTrainer.write_adapter)."""
+        return (await self.call("write_adapter", ranks=[0], directory=str(directory)))[0]
 
     async def export_merged(
         self, directory: str | Path, changed_only: bool = False, dtype: str | None = None
