@@ -25,6 +25,8 @@ class StubSGLang:
     def __init__(self, weight_version: str = "default") -> None:
         self.weight_version = weight_version
         self.linger = 0.0  # seconds a stream stays open after its [DONE]
+        self.service_time = 0.0  # seconds a chat request takes before its answer
+        self.running = self.most_running = 0  # chat requests being answered: now, and at most
         self.requests: list[tuple[str, dict[str, Any]]] = []  # (path, body) as received
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -64,6 +66,15 @@ class StubSGLang:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(("/v1/chat/completions", body))
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await asyncio.sleep(self.service_time)
+            return await self._answer(request, body)
+        finally:
+            self.running -= 1
+
+    async def _answer(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         prompt = body.get("input_ids") or [1, 2, 3]
         if body.get("stream"):
             return await self._stream(request, body, prompt)

@@ -158,3 +158,40 @@ async def test_a_streaming_client_that_leaves_at_done_is_not_a_server_crash(gate
     assert gateway.held == 0  # nothing was held for a server that went away
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30, headers=headers) as c:
         assert (await c.post("/chat/completions", json={**CHAT, "model": "policy"})).status_code == 200
+
+
+async def test_the_gateway_holds_as_many_requests_as_the_server_takes(gateway, stub):
+    """300 requests at once all reach the server together (aiohttp's default connector let 100 through)."""
+    stub.service_time = 2.0
+    limits = httpx.Limits(max_connections=None)
+    headers = {"Authorization": "Bearer secret"}
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=120, headers=headers, limits=limits) as c:
+        replies = await asyncio.gather(
+            *(c.post("/chat/completions", json={**CHAT, "model": "policy"}) for _ in range(300))
+        )
+    assert [r.status_code for r in replies] == [200] * 300
+    assert stub.most_running == 300
+
+
+async def test_above_the_bound_requests_wait_then_get_a_503_that_says_why(stub, template):
+    """SGLangConfig.max_running_requests bounds what the gateway sends at once; a request that waits longer than
+    the hold timeout gets a 503 that names the setting."""
+    stub.service_time = 2.0
+    # No prefix warm-up: its probe is a request of its own, which the stub would answer in 2 s too.
+    g = Gateway(
+        stub.base_url, "served", template=template, hold_timeout=3.0, max_running_requests=2, prefix_warmup=False
+    )
+    g.start()
+    g.set_route("policy", 0, None)
+    try:
+        async with httpx.AsyncClient(base_url=g.base_url, timeout=60) as c:
+            replies = await asyncio.gather(
+                *(c.post("/chat/completions", json={**CHAT, "model": "policy"}) for _ in range(6))
+            )
+    finally:
+        g.stop()
+    codes = sorted(r.status_code for r in replies)
+    assert codes == [200, 200, 200, 200, 503, 503], codes  # two waves of 2 s within the 3 s hold, not a third
+    assert stub.most_running == 2
+    refused = next(r for r in replies if r.status_code == 503).json()["error"]["message"]
+    assert "max_running_requests=2" in refused and "send fewer at once" in refused

@@ -183,7 +183,11 @@ def server_flags() -> dict[str, bool]:
     ("device", "overrides", "memory_saver"),
     [
         (0, {}, True),  # shared mode on a GPU
-        ([0, 1], {"tensor_parallel_size": 2, "context_length": 4096, "max_total_tokens": 8192}, False),  # TP 2
+        (
+            [0, 1],
+            {"tensor_parallel_size": 2, "context_length": 4096, "max_total_tokens": 8192, "max_running_requests": 512},
+            False,
+        ),  # TP 2
         (None, {"disable_radix_cache": True, "reasoning_parser": "qwen3", "chat_template": __file__}, False),  # CPU
     ],
 )

@@ -622,6 +622,7 @@ class SGLangBackend:
             upstream_api_key=cfg.api_key,
             hold_timeout=max(600.0, cfg.server_timeout * 2),
             server_log=str(server.log_path),
+            max_running_requests=cfg.max_running_requests,
         )
 
     @staticmethod

@@ -213,6 +213,11 @@ class SGLangConfig:
     api_key: str | None = None  # SGLang's --api-key; needed when `host` is not loopback
     replicas: int = 1  # SGLang servers of the policy, each a free port; on GPUs see DeviceConfig.inference_devices
     servers: list[str] = field(default_factory=list)  # URLs of SGLang servers started elsewhere: none is started here
+    # Requests in flight per server: SGLang's --max-running-requests (it lowers it to what its KV cache holds, and
+    # logs so) and the gateway's bound, this times the servers. Above it a request waits at the gateway; after the
+    # hold timeout it gets a 503 that says so. None: SGLang's own choice (2,048 to 4,096 by its KV cache; a fixed
+    # 4,096 would size its request table for that many full contexts) and 4,096 at the gateway.
+    max_running_requests: int | None = None
 
     def __post_init__(self) -> None:
         env_timeout = os.environ.get(ENV_SERVER_TIMEOUT)
@@ -270,6 +275,17 @@ class SGLangConfig:
             )
         if not isinstance(self.server_args, list) or not all(isinstance(a, str) for a in self.server_args):
             raise ConfigError("server_args", self.server_args, "a list of strings, e.g. ['--log-level', 'info']")
+        if self.max_running_requests is not None and (
+            not _is_int(self.max_running_requests) or self.max_running_requests < 1
+        ):
+            raise ConfigError("max_running_requests", self.max_running_requests, "None or an integer >= 1")
+        if "--max-running-requests" in self.server_args:
+            raise ConfigError(
+                "server_args",
+                self.server_args,
+                "no --max-running-requests: set SGLangConfig(max_running_requests=...), which the gateway's bound "
+                "follows too",
+            )
         if self.chat_template is not None and not os.path.isfile(os.path.expanduser(self.chat_template)):
             raise ConfigError("chat_template", self.chat_template, "None or the path of a Jinja chat template file")
         for name in ("tool_call_parser", "reasoning_parser", "grammar_backend"):

@@ -337,6 +337,7 @@ _ENGINE_FIELDS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "enable_prefix_caching": ("disable_radix_cache", _not),
     "max_loras": ("max_loras_per_batch", _same),
     "max_lora_rank": ("max_lora_rank", _same),
+    "max_num_seqs": ("max_running_requests", _same),
     "lora_target_modules": ("lora_target_modules", _same),
     "dtype": ("dtype", _dtype),
     "enable_sleep_mode": ("enable_memory_saver", _bool),  # both free the server's GPU memory while training
@@ -354,7 +355,6 @@ def _generation_config(key: str, value: Any) -> list[str]:
 # vLLM engine argument -> the sglang.launch_server flags of the same meaning (appended to SGLangConfig.server_args).
 _ENGINE_FLAGS: dict[str, Callable[[str, Any], list[str]]] = {
     "seed": lambda k, v: ["--random-seed", str(_int(k, v, 0))],
-    "max_num_seqs": lambda k, v: ["--max-running-requests", str(_int(k, v, 1))],
     "enforce_eager": lambda k, v: ["--disable-cuda-graph"] if _bool(k, v) else [],
     "generation_config": _generation_config,
 }

@@ -101,6 +101,7 @@ class Gateway:
         sibling_window: float = 0.02,
         max_history_tokens: int = 20_000_000,
         server_log: str | None = None,
+        max_running_requests: int | None = None,
     ) -> None:
         self.upstreams = upstream if isinstance(upstream, Upstreams) else Upstreams([upstream])
         self.served_model = served_model
@@ -111,6 +112,8 @@ class Gateway:
         self.upstream_api_key = upstream_api_key  # what SGLang wants (SGLangConfig.api_key)
         self.hold_timeout = hold_timeout
         self.server_log = server_log
+        # Per upstream; the gateway admits this times their count. None: at or above SGLang's own choice (2,048-4,096).
+        self.max_running_requests = max_running_requests or 4096
         self.triage = CrashTriage(isolation_window, max_crashes)
         self.warmup = PrefixWarmup(sibling_window) if prefix_warmup else None
         # name -> {"current": Route, step: Route}; replaced whole on every change (readers need no lock).
@@ -122,6 +125,7 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._gate: asyncio.Event | None = None
+        self._admission: asyncio.Semaphore | None = None
         self._holds = 0  # closed() blocks in progress: the gate is open when there are none
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -300,8 +304,12 @@ class Gateway:
         self._gate = asyncio.Event()
         self._gate.set()
         headers = {"Authorization": f"Bearer {self.upstream_api_key}"} if self.upstream_api_key else None
+        bound = self.max_running_requests * len(self.upstreams.urls)
+        self._admission = asyncio.Semaphore(bound)
+        # aiohttp's default connector allows 100 connections in all: above that requests queued inside the gateway.
+        connector = aiohttp.TCPConnector(limit=bound, limit_per_host=self.max_running_requests)
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), headers=headers
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), headers=headers
         )
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -425,6 +433,10 @@ class Gateway:
         upstreams = self.upstreams
         affinity = affinity_key(body) if len(upstreams.urls) > 1 else None
         failed: set[int] = set()  # replicas that went away under this request: it goes to another one
+        try:
+            await asyncio.wait_for(self._admission.acquire(), self.hold_timeout)
+        except TimeoutError:
+            return self._over_bound()
         ticket = Ticket(_digest({k: v for k, v in body.items() if k not in ("model", "stream", "stream_options")}))
         try:
             while True:
@@ -434,7 +446,7 @@ class Gateway:
                         await asyncio.wait_for(self._gate.wait(), max(0.0, deadline - time.monotonic()))
                     await asyncio.wait_for(self.triage.turn(ticket), max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
-                    return _error(503, f"the policy server was not back within {self.hold_timeout:g} s; try again")
+                    return self._not_back()
                 if (why := self.triage.known_to_crash(ticket)) is not None:
                     return _error(500, self._crash_message(why))
                 # Resolved and counted in one step of this loop: a route flip (also run on this loop) cannot fall
@@ -446,7 +458,7 @@ class Gateway:
                 if replica is None:  # every replica is restarting
                     self.held += 1
                     if not await self._wait_for_upstream(deadline, failed):
-                        return _error(503, f"the policy server was not back within {self.hold_timeout:g} s; try again")
+                        return self._not_back()
                     continue
                 url = upstreams.urls[replica]
                 body["model"] = self.served_model
@@ -483,9 +495,22 @@ class Gateway:
                     failed.add(replica)
                 self.held += 1
                 if not await self._wait_for_upstream(deadline, failed):
-                    return _error(503, f"the policy server was not back within {self.hold_timeout:g} s; try again")
+                    return self._not_back()
         finally:
             self.triage.done(ticket)
+            self._admission.release()
+
+    def _not_back(self) -> web.Response:
+        return _error(503, f"the policy server was not back within {self.hold_timeout:g} s; try again")
+
+    def _over_bound(self) -> web.Response:
+        servers = len(self.upstreams.urls)
+        return _error(
+            503,
+            f"{self.max_running_requests * servers} requests were in flight through the gateway for "
+            f"{self.hold_timeout:g} s (SGLangConfig.max_running_requests={self.max_running_requests} per server, "
+            f"{servers} server(s)); send fewer at once, or raise max_running_requests if the servers hold more",
+        )
 
     def _crash_message(self, why: str) -> str:
         where = f" ({self.server_log})" if self.server_log else ""

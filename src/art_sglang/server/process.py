@@ -148,6 +148,8 @@ class SGLangServer:
         grammar = c.grammar_backend or ("llguidance" if not self.gpus else None)
         if grammar:
             cmd += ["--grammar-backend", grammar]
+        if c.max_running_requests is not None:
+            cmd += ["--max-running-requests", str(c.max_running_requests)]
         if self.enable_lora:
             cmd += [
                 "--enable-lora",
