@@ -12,6 +12,21 @@ from art_sglang.tasks import ONE_WORD_QUESTIONS, one_word_rollout
 from art_sglang.trainer.data import prepare
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# One tool, for the agent tests and the GPU run
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two integers",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"],
+            },
+        },
+    }
+]
 
 
 def make_backend(path, method: str = "lora") -> SGLangBackend:

@@ -27,26 +27,12 @@ from art.preprocessing.policy_spans import (
     validate_complete_prompt_policy_token_spans,
 )
 from art_compat import History
-from rollouts import BASE, logprob_gaps
+from rollouts import BASE, TOOLS, logprob_gaps
 
 from art_sglang import SGLangBackend, SGLangConfig, TrainerConfig
 from art_sglang.trainer.data import engine_ids, prepare
 
 TEMPLATE = str(Path(__file__).parent / "templates" / "chatml_tools_reasoning.jinja")
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "add",
-            "description": "Add two integers",
-            "parameters": {
-                "type": "object",
-                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                "required": ["a", "b"],
-            },
-        },
-    }
-]
 CALL = (
     r"<think>[a-z]{1,6}( [a-z]{1,6})?</think>\n"
     r'<tool_call>\n\{"name":"add","arguments":\{"a":[0-9],"b":[0-9]\}\}\n</tool_call>'

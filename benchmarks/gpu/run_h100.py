@@ -52,20 +52,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TOK_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 TEMPLATE = ROOT / "tests" / "templates" / "chatml_tools.jinja"  # ChatML with Qwen2.5's tools (qwen25 parser)
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "add",
-            "description": "Add two integers",
-            "parameters": {
-                "type": "object",
-                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                "required": ["a", "b"],
-            },
-        },
-    }
-]
 CALL = r'<tool_call>\n\{"name":"add","arguments":\{"a":[0-9],"b":[0-9]\}\}\n</tool_call>'
 GPU_SERVER_ARGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch"]
 # Rough seconds each phase needs on an H100 (server start with CUDA graphs, trainer start and compile, steps);
@@ -143,7 +129,7 @@ def build_models(args: argparse.Namespace, wanted: set[str]) -> dict[str, Path]:
 
 
 # -- what the tests measure: tests/rollouts.py's helpers --------------------------------------------------------
-from rollouts import engine_logprobs, training_sequences  # noqa: E402
+from rollouts import TOOLS, engine_logprobs, training_sequences  # noqa: E402
 
 
 async def trainer_logprobs(run, sequences):
