@@ -11,7 +11,8 @@ shortest first, so that what each setting is for is measured first if time runs 
 to /dev/shm by a process of its own, so that no other CUDA context shares the GPU with the measured ones.
 The first process also times `PolicyTrainer.adapter_payload()` (optimizer step -> the adapter packed for
 `/load_lora_adapter_from_tensors`), and what carrying it costs before HTTP (the worker's pipe, base64), as
-benchmarks/shared_budget.py does, and writing the adapter to a tmpfs file as safetensors.
+benchmarks/shared_budget.py does, writing the adapter to a tmpfs file as safetensors, and
+`PolicyTrainer.write_adapter` (the `lora` sync's RAM-disk file since 2026-12-07).
 
     python3 benchmarks/gpu/long_episode.py --out $OUT/long_episode.json          # on the GPU machine
     .venv/bin/python benchmarks/gpu/long_episode.py --cpu --out /tmp/le.json    # a smoke test of the script
@@ -139,6 +140,11 @@ def payload(trainer, device: str, result: dict, args: argparse.Namespace) -> Non
             path = str(Path(tmp) / "adapter_model.safetensors")
             p["adapter_safetensors_tmpfs_s"] = median_time(
                 lambda: save_file({k: v.to("cpu", torch.float32) for k, v in state.items()}, path), device
+            )
+            # What the `lora` sync does since 2026-12-07: PolicyTrainer.write_adapter into a new directory each step.
+            steps = iter(range(1000))
+            p["write_adapter_tmpfs_s"] = median_time(
+                lambda: trainer.write_adapter(Path(tmp) / f"step-{next(steps)}"), device
             )
         result["adapter_payload"] = p
         log(f"adapter payload: {p}")
