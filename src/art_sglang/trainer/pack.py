@@ -76,11 +76,8 @@ class TensorPacker:
 
     def pack(self, tensors: dict[str, torch.Tensor]) -> bytearray:
         """The pickle of `tensors` as views of one host buffer per dtype; valid until the next `pack`."""
-        by_dtype: dict[torch.dtype, list[str]] = {}
-        for name, t in tensors.items():
-            by_dtype.setdefault(t.dtype, []).append(name)
         calls: dict[str, _Call] = {}
-        for dtype, names in by_dtype.items():
+        for dtype, names in _by_dtype(tensors).items():
             staging = self._stage(names, tensors)
             buffer = pickle.PickleBuffer(staging.view(torch.uint8).numpy())  # written in place, as a bytearray
             base = _Call(functools.partial(torch.frombuffer, dtype=dtype), buffer)
@@ -97,12 +94,9 @@ class TensorPacker:
     def write_safetensors(self, tensors: dict[str, torch.Tensor], path: str | Path) -> int:
         """Write `tensors` as a safetensors file (what `save_file` writes) from the staging buffers: one
         device-to-host copy, then one write per dtype. Returns the file's size."""
-        by_dtype: dict[torch.dtype, list[str]] = {}
-        for name, t in tensors.items():
-            by_dtype.setdefault(t.dtype, []).append(name)
         header: dict[str, Any] = {}
         buffers, offset = [], 0
-        for dtype, names in by_dtype.items():
+        for dtype, names in _by_dtype(tensors).items():
             staging = self._stage(names, tensors)
             for n in names:
                 size = tensors[n].numel() * staging.element_size()
@@ -117,6 +111,14 @@ class TensorPacker:
             for buffer in buffers:
                 f.write(memoryview(buffer))
         return 8 + len(encoded) + offset
+
+
+def _by_dtype(tensors: dict[str, torch.Tensor]) -> dict[torch.dtype, list[str]]:
+    """The tensors' names by dtype (each dtype is staged in one host buffer)."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, t in tensors.items():
+        by_dtype.setdefault(t.dtype, []).append(name)
+    return by_dtype
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
