@@ -42,6 +42,7 @@ import time
 import traceback
 import types
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
@@ -236,21 +237,27 @@ def append_log_tail(out_dir: Path, title: str, path: Path, limit: int = 1_500_00
 PROBES = [0]  # each probe's prompt differs: the gateway refuses a request again once it was blamed for a crash
 
 
-async def decode_probe(model, tokens: int) -> dict:
-    """One request alone, `tokens` tokens: its decode rate (a lost CUDA graph shows as a slower single stream)."""
+async def ask(model, prompt: str, **kwargs) -> tuple[Any, str | None, float]:
+    """One chat request with a prompt of its own (`prompt` formatted with a new number): (response, None, seconds),
+    or (None, the error, seconds) where it failed."""
     PROBES[0] += 1
+    messages = [{"role": "user", "content": prompt.format(PROBES[0])}]
     t0 = time.perf_counter()
     try:
         r = await model.openai_client().chat.completions.create(
-            model=model.get_inference_name(),
-            messages=[{"role": "user", "content": f"Tell me a long story about lighthouse {PROBES[0]}."}],
-            max_tokens=tokens,
-            temperature=1.0,
-            extra_body={"ignore_eos": True},
+            model=model.get_inference_name(), messages=messages, **kwargs
         )
     except Exception as e:  # noqa: BLE001 (recorded: the run goes on)
-        return {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-    dt = time.perf_counter() - t0
+        return None, f"{type(e).__name__}: {str(e)[:400]}", time.perf_counter() - t0
+    return r, None, time.perf_counter() - t0
+
+
+async def decode_probe(model, tokens: int) -> dict:
+    """One request alone, `tokens` tokens: its decode rate (a lost CUDA graph shows as a slower single stream)."""
+    prompt = "Tell me a long story about lighthouse {}."
+    r, error, dt = await ask(model, prompt, max_tokens=tokens, temperature=1.0, extra_body={"ignore_eos": True})
+    if error is not None:
+        return {"error": error}
     n = r.usage.completion_tokens if r.usage else tokens
     return {"tokens": n, "seconds": dt, "tok_s": n / dt}
 
@@ -260,18 +267,11 @@ async def first_token(model) -> dict:
     benchmarks/weight_sync.py takes from a stream). Not streamed: ART's OpenAI client closes a stream as soon as it
     reads [DONE], and the gateway takes its failing write of the stream's end for the server going away (it sends
     the request again and counts a crash: seen on the CPU dry run; see benchmarks/gpu/README.md)."""
-    PROBES[0] += 1
-    t0 = time.perf_counter()
-    try:
-        r = await model.openai_client().chat.completions.create(
-            model=model.get_inference_name(),
-            messages=[{"role": "user", "content": f"Say hi to {PROBES[0]}."}],
-            max_tokens=1,
-        )
-    except Exception as e:  # noqa: BLE001 (recorded: the run goes on)
-        return {"error": f"{type(e).__name__}: {str(e)[:400]}", "after_s": time.perf_counter() - t0}
+    r, error, dt = await ask(model, "Say hi to {}.", max_tokens=1)
+    if error is not None:
+        return {"error": error, "after_s": dt}
     version = ((r.model_extra or {}).get("metadata") or {}).get("weight_version")
-    return {"ttft_s": time.perf_counter() - t0, "weight_version": version}
+    return {"ttft_s": dt, "weight_version": version}
 
 
 async def request_checks(model) -> dict:
