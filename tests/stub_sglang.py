@@ -26,6 +26,8 @@ class StubSGLang:
         self.weight_version = weight_version
         self.linger = 0.0  # seconds a stream stays open after its [DONE]
         self.service_time = 0.0  # seconds a chat request takes before its answer
+        self.distinct = False  # each chat answer's text names this server and counts (as sampled replies differ)
+        self.answered = 0
         self.running = self.most_running = 0  # chat requests being answered: now, and at most
         self.requests: list[tuple[str, dict[str, Any]]] = []  # (path, body) as received
         self.port = free_port()
@@ -78,9 +80,11 @@ class StubSGLang:
         prompt = body.get("input_ids") or [1, 2, 3]
         if body.get("stream"):
             return await self._stream(request, body, prompt)
+        self.answered += 1
+        text = f"yes {self.port} {self.answered}" if self.distinct else "yes"
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": "yes", "reasoning_content": None, "tool_calls": None},
+            "message": {"role": "assistant", "content": text, "reasoning_content": None, "tool_calls": None},
             "logprobs": {
                 "content": [{"token": "yes", "bytes": list(b"yes"), "logprob": SAMPLED[0][0], "top_logprobs": []}]
             },

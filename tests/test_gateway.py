@@ -14,6 +14,7 @@ from stub_sglang import SAMPLED, StubSGLang
 
 from art_sglang.chat import ChatTemplate
 from art_sglang.gateway import Gateway
+from art_sglang.gateway.upstreams import Upstreams
 
 CHAT = {"messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 3, "temperature": 0.0}
 
@@ -195,3 +196,39 @@ async def test_above_the_bound_requests_wait_then_get_a_503_that_says_why(stub, 
     assert stub.most_running == 2
     refused = next(r for r in replies if r.status_code == 503).json()["error"]["message"]
     assert "max_running_requests=2" in refused and "send fewer at once" in refused
+
+
+async def test_conversations_that_begin_alike_spread_over_two_replicas_and_each_stays_on_one(template):
+    """64 two-turn conversations with one system prompt and one first message (one start, as an agent task with a
+    fixed prompt sends), all at once, over two replicas: each replica serves 35-65% of the requests, and each second
+    turn goes to the replica that sampled the first reply (its prefix cache holds the conversation)."""
+    start = [
+        {"role": "system", "content": "You are an agent. Use the tools to finish the task."},
+        {"role": "user", "content": "Begin."},
+    ]
+    with StubSGLang() as a, StubSGLang() as b:
+        for s in (a, b):
+            s.service_time, s.distinct = 0.5, True  # all in flight at once; each reply its own text
+        # No prefix warm-up: its probes would be counted as requests.
+        g = Gateway(Upstreams([a.base_url, b.base_url]), "served", template=template, prefix_warmup=False)
+        g.start()
+        g.set_route("policy", 0, None)
+
+        async def conversation(c: httpx.AsyncClient, k: int) -> None:
+            messages = list(start)
+            for _ in range(2):
+                r = await c.post("/chat/completions", json={"model": "policy", "messages": messages, "max_tokens": 2})
+                assert r.status_code == 200, r.text
+                messages += [r.json()["choices"][0]["message"], {"role": "user", "content": f"Task {k}, go on."}]
+
+        try:
+            limits = httpx.Limits(max_connections=None)
+            async with httpx.AsyncClient(base_url=g.base_url, timeout=60, limits=limits) as c:
+                await asyncio.gather(*(conversation(c, k) for k in range(64)))
+        finally:
+            g.stop()
+    served = [len(a.sent()), len(b.sent())]
+    assert sum(served) == 128 and all(0.35 <= n / 128 <= 0.65 for n in served), served
+    for s in (a, b):  # a second turn carries its first reply, whose text names the replica that sampled it
+        seconds = [body["messages"][2]["content"] for body in s.sent() if len(body["messages"]) > 2]
+        assert seconds and all(text.split()[1] == str(s.port) for text in seconds), (s.port, seconds[:3])

@@ -102,6 +102,33 @@ async def replicas_serve(run, groups) -> list[float]:
     return gaps
 
 
+async def conversations_that_begin_alike_spread_and_stay(model, upstreams) -> None:
+    """32 two-turn conversations with one system prompt and one first message, at once: each replica serves 35-65% of
+    the requests, and each second turn goes where its first reply was sampled (that replica's cache holds the whole
+    first turn; the other's holds at most the shared start)."""
+    client, sent = model.openai_client(), list(upstreams.sent)
+
+    async def two_turns(k: int):
+        messages = [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Name a color."},
+        ]
+        first = await client.chat.completions.create(model=model.get_inference_name(), messages=messages, max_tokens=8)
+        messages += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": f"Another one, number {k}."},
+        ]
+        second = await client.chat.completions.create(model=model.get_inference_name(), messages=messages, max_tokens=4)
+        return first.usage, second.usage
+
+    usages = await asyncio.gather(*(two_turns(k) for k in range(32)))
+    served = [now - before for now, before in zip(upstreams.sent, sent, strict=True)]
+    assert sum(served) == 64 and all(0.35 <= n / 64 <= 0.65 for n in served), served
+    for first, second in usages:
+        cached = second.prompt_tokens_details.cached_tokens
+        assert cached >= first.prompt_tokens + first.completion_tokens - 1, (first, second)
+
+
 @pytest.mark.slow
 async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path, tiny_base):
     backend = SGLangBackend(
@@ -149,6 +176,7 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path, 
         chosen = [upstreams._sticky[affinity_key({"messages": [question_message(q)]})] for q in QUESTIONS]
         assert sorted(set(chosen)) == [0, 1], chosen
         assert all(t.metrics["cached_tokens"] > 0 for g in groups for t in g.trajectories[1:])
+        await conversations_that_begin_alike_spread_and_stay(model, upstreams)
 
         # SIGKILL one replica while 16 rollouts run: its requests go to the other; nothing fails.
         victim = replicas.replicas[0]

@@ -454,13 +454,15 @@ class Gateway:
                 route = self._resolve(requested)
                 if route is None:
                     return _error(404, self._not_served(requested))
-                replica = upstreams.pick(affinity, avoid=failed)
+                replica = upstreams.pick(affinity, avoid=failed, home=prompt.home if prompt is not None else None)
                 if replica is None:  # every replica is restarting
                     self.held += 1
                     if not await self._wait_for_upstream(deadline, failed):
                         return self._not_back()
                     continue
                 url = upstreams.urls[replica]
+                if prompt is not None:
+                    prompt.replica = replica  # what its replies record: the conversation's next turn goes there
                 body["model"] = self.served_model
                 if route.adapter is not None:
                     body["lora_path"] = route.adapter

@@ -27,10 +27,12 @@ from ..chat import ChatTemplate, fill
 
 @dataclass(eq=False)
 class Turn:
-    """A served reply: the tokens after the parent turn's (new context, then the sampled ids)."""
+    """A served reply: the tokens after the parent turn's (new context, then the sampled ids), and the replica that
+    sampled it (its prefix cache holds them)."""
 
     parent: Turn | None
     tokens: array
+    replica: int | None = None
 
     def ids(self) -> list[int]:
         chain, turn = [], self
@@ -51,6 +53,12 @@ class Prompt:
     key: bytes  # the conversation so far (tools, options and messages)
     parent: Turn | None = None  # the earlier reply its history was rebuilt from
     own_start: int = 0  # ids[:own_start] are that turn's tokens, ids[own_start:] are new
+    replica: int | None = None  # where the gateway sent it (set before each send)
+
+    @property
+    def home(self) -> int | None:
+        """The replica that sampled the conversation's last known reply: its prefix cache holds this prompt's start."""
+        return self.parent.replica if self.parent is not None else None
 
 
 def _arguments(value: Any) -> Any:
@@ -124,7 +132,7 @@ class ReplyLog:
 
     def record(self, prompt: Prompt, reply: dict[str, Any], sampled: list[int]) -> None:
         """Remember a reply served for `prompt`, so that a later request that sends it back is rendered exactly."""
-        turn = Turn(prompt.parent, array("i", prompt.ids[prompt.own_start :] + sampled))
+        turn = Turn(prompt.parent, array("i", prompt.ids[prompt.own_start :] + sampled), prompt.replica)
         key = _chain(prompt.key, reply)
         with self._lock:
             old = self._turns.pop(key, None)
