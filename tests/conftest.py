@@ -36,19 +36,20 @@ _undo_arts_transformers_patch()
 # together (seconds per file, one run, docs/testing.md). (`--dist loadgroup` would split files further, but
 # pytest-xdist 3.8 sets a node id that pytest 9.2 no longer reads: its groups are ignored.)
 WEIGHT = {
-    "test_replicas.py": 690,
-    "test_backend.py": 620,
-    "test_families.py": 590,
-    "test_agents.py": 400,
-    "test_reliability.py": 250,
-    "test_pipeline.py": 240,
-    "test_step.py": 220,
-    "test_server.py": 120,
-    "test_examples.py": 105,
-    "test_shared_server.py": 100,
-    "test_trainer.py": 80,
-    "test_demo.py": 80,
-    "test_art_suite.py": 75,
+    "test_families.py": 540,
+    "test_replicas.py": 450,
+    "test_agents.py": 350,
+    "test_reliability.py": 280,
+    "test_step.py": 270,
+    "test_backend.py": 270,
+    "test_pipeline.py": 260,
+    "test_server.py": 145,
+    "test_shared_server.py": 110,
+    "test_examples.py": 100,
+    "test_trainer.py": 95,
+    "test_sft.py": 58,
+    "test_demo.py": 52,
+    "test_art_suite.py": 33,
 }
 
 

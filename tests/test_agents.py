@@ -16,33 +16,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import art
 import httpx
 import openai
 import pytest
-from art.preprocessing.policy_spans import (
-    validate_complete_policy_token_spans,
-    validate_complete_prompt_policy_token_spans,
-)
 from art_compat import History
-from rollouts import BASE, TOOLS, logprob_gaps
+from rollouts import (
+    AGENT_TEMPLATE,
+    BASE,
+    CALL,
+    TOOLS,
+    agent_episodes,
+    agent_turn,
+    logprob_gaps,
+    trained_turns_are_exact,
+)
 
 from art_sglang import SGLangBackend, SGLangConfig, TrainerConfig
 from art_sglang.trainer.data import engine_ids, prepare
 
-TEMPLATE = str(Path(__file__).parent / "templates" / "chatml_tools_reasoning.jinja")
-CALL = (
-    r"<think>[a-z]{1,6}( [a-z]{1,6})?</think>\n"
-    r'<tool_call>\n\{"name":"add","arguments":\{"a":[0-9],"b":[0-9]\}\}\n</tool_call>'
-)
-ANSWER = r"<think>[a-z]{1,6}( [a-z]{1,6})?</think>\n[0-9]{1,2}( 🙂| ✅)?"
-SYSTEM = "You are a calculator 🧮.   Call   the tool,\n\n then answer."
-
 
 def backend_for(path, **config) -> SGLangBackend:
-    values = dict(max_total_tokens=16384, server_timeout=240, chat_template=TEMPLATE)
+    values = dict(max_total_tokens=16384, server_timeout=240, chat_template=AGENT_TEMPLATE)
     return SGLangBackend(
         path=path,
         sglang_config=SGLangConfig(**{**values, **config}),
@@ -50,82 +46,11 @@ def backend_for(path, **config) -> SGLangBackend:
     )
 
 
-async def turn(client, model, messages, *, forced: bool, n: int = 1, **sampling):
-    extra = {"regex": CALL if forced else ANSWER}
-    tool_choice = "required" if forced else "auto"
-    return await client.chat.completions.create(
-        model=model.get_inference_name(),
-        messages=messages,
-        tools=TOOLS,
-        tool_choice=tool_choice,
-        max_tokens=80,
-        n=n,
-        extra_body=extra,
-        **sampling,
-    )
-
-
-def follow(messages, items, choice) -> None:
-    """What an agent appends after a reply: the Choice (trainable) and, for each tool call, the tool's result."""
-    items.append(choice)
-    messages.append(choice.message.model_dump(exclude_none=True))
-    for call in choice.message.tool_calls or []:
-        args = json.loads(call.function.arguments)
-        result = {"role": "tool", "tool_call_id": call.id, "content": f"{args['a'] + args['b']}  ✅\n\n"}
-        messages.append(result)
-        items.append(result)
-
-
-async def episodes(model, question, *, n_first: int = 1, **sampling) -> list[art.Trajectory]:
-    """3 assistant turns: two forced tool calls (with their results), then an answer. `n_first` samples of the
-    first turn each continue as their own episode."""
-    client = model.openai_client()
-    start = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{question}  🙂\n\n   Go."}]
-    first = await turn(client, model, start, forced=True, n=n_first, **sampling)
-    assert len(first.choices) == n_first
-
-    async def rest(choice) -> art.Trajectory:
-        messages, items = list(start), list(start)
-        follow(messages, items, choice)
-        for forced in (True, False):
-            follow(messages, items, (await turn(client, model, messages, forced=forced, **sampling)).choices[0])
-        return art.Trajectory(messages_and_choices=items, tools=TOOLS)
-
-    return list(await asyncio.gather(*(rest(c) for c in first.choices)))
-
-
 def group(trajectories: list[art.Trajectory]) -> art.TrajectoryGroup:
     """Distinct rewards, so that every trajectory has an advantage and trains (what is tested is the data path)."""
     for i, trajectory in enumerate(trajectories):
         trajectory.reward = float(i)
     return art.TrajectoryGroup(trajectories)
-
-
-def trained_turns_are_exact(groups, template) -> tuple[int, int]:
-    """Every trained Choice sits in a training sequence right after exactly the prompt the engine was given, with
-    exactly its sampled ids; returns (turns checked, sequences)."""
-    prepared = prepare(groups, template)
-    checked = 0
-    for g in groups:
-        for trajectory in g.trajectories:
-            histories = [trajectory.messages_and_choices]
-            histories += [h.messages_and_choices for h in trajectory.additional_histories]
-            for items in histories:
-                for k, item in enumerate(i for i in items if hasattr(i, "logprobs")):
-                    prompt, sampled = engine_ids(item)
-                    # ART's own checks of the policy spans PipelineTrainer reads: each covers its part whole
-                    validate_complete_policy_token_spans(item, completion_tokens=len(sampled))
-                    validate_complete_prompt_policy_token_spans(item, prompt_tokens=len(prompt))
-                    spans = item.model_extra["policy_token_spans"]
-                    assert [span["policy_version"] for span in spans] == [item.model_extra["weight_version"]]
-                    whole = prompt + sampled
-                    found = [s for s in prepared.sequences if s.token_ids[: len(whole)] == whole]
-                    assert found, f"turn {k}: no training sequence holds its engine prompt and sampled ids"
-                    mask = found[0].mask
-                    assert all(mask[len(prompt) : len(whole)]) and not mask[len(prompt) - 1]
-                    checked += 1
-    assert prepared.counts["choices_without_engine_ids"] == prepared.counts["contexts_from_template"] == 0
-    return checked, len(prepared.sequences)
 
 
 def history_breaks(trajectory, template) -> list[str]:
@@ -154,14 +79,15 @@ async def agent(tmp_path_factory):
 @pytest.fixture(scope="module")
 async def rollouts(agent):
     model, _, _ = agent
-    cold = await episodes(model, "What is 2 + 3?", temperature=0.7, top_p=0.9)  # the first grammar compiles slowly
+    # the first grammar compiles slowly
+    cold = await agent_episodes(model, "What is 2 + 3?", temperature=0.7, top_p=0.9)
     warm = await asyncio.gather(
-        *(episodes(model, "What is 2 + 3?", temperature=0.7, top_p=0.9) for _ in range(3)),
-        *(episodes(model, "What is 4 + 1?", temperature=1.0) for _ in range(4)),
+        *(agent_episodes(model, "What is 2 + 3?", temperature=0.7, top_p=0.9) for _ in range(3)),
+        *(agent_episodes(model, "What is 4 + 1?", temperature=1.0) for _ in range(4)),
     )
     nucleus = group(cold + [t for ts in warm[:3] for t in ts])
     full = group([t for ts in warm[3:] for t in ts])
-    sampled_n = group(await episodes(model, "What is 3 + 3?", n_first=4, temperature=0.7, top_p=0.9))
+    sampled_n = group(await agent_episodes(model, "What is 3 + 3?", n_first=4, temperature=0.7, top_p=0.9))
     return {"nucleus": nucleus, "full": full, "n4": sampled_n}
 
 
@@ -224,7 +150,7 @@ async def test_a_step_trains_on_episodes_and_additional_histories_and_syncs(roll
     assert m["data/sequences"] == m["data/trajectories_used"] + 1  # the additional history is a sequence too
     assert m["engine_trainer_logprob_gap"] < 1e-3 and m["engine_trainer_logprob_gap_max"] < 1e-2, m
     assert m["engine_trainer_logprob_gap_over_1e-2"] == 0
-    after = await turn(client, model, [{"role": "user", "content": "1 + 1?"}], forced=True)
+    after = await agent_turn(client, model, [{"role": "user", "content": "1 + 1?"}], forced=True)
     assert after.model_extra["metadata"]["weight_version"] == "1"
 
 
@@ -263,7 +189,7 @@ async def test_a_streamed_tool_call_arrives_as_tool_calls_and_its_history_stays_
         {"role": "assistant", "content": content, "tool_calls": list(calls.values())},
         {"role": "tool", "tool_call_id": calls[0]["id"], "content": str(args["a"] + args["b"])},
     ]
-    after = await turn(client, model, messages, forced=False)
+    after = await agent_turn(client, model, messages, forced=False)
     prompt_after = after.choices[0].model_extra["prompt_token_ids"]
     assert prompt_after[: len(prompt) + len(ids)] == prompt + ids
 

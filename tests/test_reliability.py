@@ -91,44 +91,49 @@ async def test_three_syncs_while_64_requests_are_in_flight(live, caplog):
     assert "unloading anyway" not in caplog.text  # no adapter was unloaded under a running request
 
 
-async def test_server_killed_mid_rollout_loses_nothing(live):
+async def test_server_killed_mid_rollout_loses_no_request_and_cuts_a_stream_with_an_error(live):
+    """The whole server SIGKILLed while 32 rollouts and a stream run: the watcher restarts it on its port; every
+    rollout is held and sent again, so none is lost; the stream had already sent chunks, cannot be sent again and ends
+    in an error, so a partial reply is never taken for a whole one."""
     model, backend, run = live["model"], live["backend"], live["run"]
     restarts, held, step = run.restarts, run.gateway.held, run.step
+    port = run.server.port
+
+    chunks, streaming = 0, asyncio.Event()
+
+    async def stream() -> None:
+        nonlocal chunks
+        reply = await model.openai_client().chat.completions.create(
+            model=model.get_inference_name(),
+            messages=[{"role": "user", "content": "Count slowly."}],
+            max_tokens=256,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        with pytest.raises(openai.APIError, match="failed mid-stream"):
+            async for _ in reply:
+                chunks += 1
+                if chunks == 3:
+                    streaming.set()
+
+    streamed = asyncio.create_task(stream())
+    await asyncio.wait_for(streaming.wait(), timeout=120)
     rollouts = asyncio.create_task(gather(model, LOAD_PROMPTS[:8], group_size=4, max_tokens=32, ignore_eos=True))
-    await wait_until(lambda: in_flight(run) == 32, what="32 requests at the gateway")
+    await wait_until(lambda: in_flight(run) == 33, what="32 rollouts and the stream at the gateway")
     await asyncio.sleep(1.0)  # past the prefix warm-up: decoding
     cut_off = in_flight(run)
     os.killpg(run.server.pid, signal.SIGKILL)  # the whole server: launcher, scheduler, detokenizer
     groups = await asyncio.wait_for(rollouts, timeout=600)
-    assert cut_off == 32
+    await asyncio.wait_for(streamed, timeout=60)
+    assert cut_off == 33 and chunks < 256  # the stream was cut off, and its client knows
     assert sum(len(g.trajectories) for g in groups) == 32  # every rollout completed
-    assert run.restarts == restarts + 1 and run.server.running
-    assert run.gateway.held - held >= cut_off  # each cut-off request was held and sent again
+    assert run.restarts == restarts + 1 and run.server.running and run.server.port == port
+    assert run.gateway.held - held >= cut_off - 1  # each cut-off rollout was held and sent again
     assert {t.metadata["weight_version"] for g in groups for t in g.trajectories} == {str(step)}
     result = await backend.train(model, groups, learning_rate=1e-4)  # the step trains
     assert result.step == step + 1
     assert result.metrics["server/restarts"] == restarts + 1
     assert saved_trajectories(run, result.step) == 32
-
-
-async def test_a_stream_cut_off_by_a_crash_ends_with_an_error_not_a_clean_end(live):
-    model, run = live["model"], live["run"]
-    restarts = run.restarts
-    stream = await model.openai_client().chat.completions.create(
-        model=model.get_inference_name(),
-        messages=[{"role": "user", "content": "Count slowly."}],
-        max_tokens=64,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    chunks = 0
-    with pytest.raises(openai.APIError, match="failed mid-stream"):
-        async for _ in stream:
-            chunks += 1
-            if chunks == 3:
-                os.killpg(run.server.pid, signal.SIGKILL)
-    assert chunks < 64  # cut off, and the client knows: a partial reply is never taken for a complete one
-    await wait_until(lambda: run.restarts == restarts + 1 and run.gateway.gate_open, timeout=300, what="restart")
 
 
 async def kill_trainer_mid_step(backend, model, run, groups) -> float:

@@ -22,7 +22,7 @@ from art_sglang.gateway.upstreams import affinity_key
 from art_sglang.procs import alive, free_port, process_group_members
 from art_sglang.server import ReplicaClient, ReplicaSet, SGLangClient
 from art_sglang.server.external import check_server_args
-from art_sglang.sync import LoraSync
+from art_sglang.sync import METHODS, LoraSync
 from art_sglang.tasks import ONE_WORD_INSTRUCTION, ONE_WORD_QUESTIONS
 from art_sglang.trainer.data import prepare
 
@@ -210,19 +210,19 @@ async def test_two_replicas_train_in_step_and_survive_a_replica_crash(tmp_path, 
     assert processes and not [p for p in processes if alive(p)]  # the replicas leave nothing behind
 
 
-@pytest.mark.parametrize("method", ["disk", "restart"])
 @pytest.mark.slow
-async def test_two_replicas_take_merged_weights_under_load(tmp_path, method, tiny_base):
-    """`disk` (all replicas updated under the gate) and `restart` (a rolling restart, the other replica serving):
-    rollouts sent throughout a step all complete, each carrying the logprobs of the policy its label names; after
-    each step both replicas report it and serve the trainer's policy. `disk` also: a replica killed mid-rollout and
-    restarted, and a second step. (`restart` takes one step: each roll restarts both servers, ~100 s on this CPU.)"""
+async def test_two_replicas_take_merged_weights_under_load(tmp_path, tiny_base):
+    """`disk` (all replicas updated under the gate), then `restart` (a rolling restart, the other replica serving) on
+    the same replicas: rollouts sent throughout a step all complete, each carrying the logprobs of the policy its
+    label names; after each step both replicas report it and serve the trainer's policy. Between the two `disk` steps
+    a replica is killed mid-rollout and comes back on the served layers. (One run for both methods, as
+    test_families.py switches them: each server start costs ~45 s here. Users choose one per backend.)"""
     backend = SGLangBackend(
         path=tmp_path,
-        sglang_config=SGLangConfig(max_total_tokens=16384, server_timeout=240, replicas=2, weight_sync_method=method),
+        sglang_config=SGLangConfig(max_total_tokens=16384, server_timeout=240, replicas=2, weight_sync_method="disk"),
         trainer_config=TrainerConfig(lora_rank=8, lora_alpha=16),
     )
-    model = art.TrainableModel(name=f"twins-{method}", run_name="twins", project="tests", base_model=str(tiny_base))
+    model = art.TrainableModel(name="twins-merged", run_name="twins", project="tests", base_model=str(tiny_base))
     processes: set[int] = set()
     try:
         await model.register(backend)
@@ -232,43 +232,47 @@ async def test_two_replicas_take_merged_weights_under_load(tmp_path, method, tin
         for s in replicas.replicas:
             processes |= process_group_members(s.pid)
 
-        # Step 1 while rollouts keep coming.
+        # Step 1 (`disk`) while rollouts keep coming.
         groups = await gather(model, QUESTIONS)
         result = await train_under_load(backend, model, groups, learning_rate=LR)
-        assert result.step == 1 and replicas.restarts == 0  # (a roll's restarts are not crashes)
+        assert result.step == 1 and replicas.restarts == 0
         gaps = await replicas_serve(run, groups)
         assert all(g < 1e-3 for g in gaps), gaps
-        for s in replicas.replicas:
-            processes |= process_group_members(s.pid)
 
-        if method == "disk":
-            # SIGKILL one replica while rollouts run: nothing is lost; it comes back on the base weights plus the
-            # served layers. (`restart`: a replica that dies restarts the same way, on the served merged weights;
-            # not repeated here, each server start costs ~60 s of the CI's time on this CPU.)
-            victim = replicas.replicas[0]
-            old_pid = victim.pid
-            rollouts = asyncio.create_task(gather(model, QUESTIONS, max_tokens=LONG, ignore_eos=True))
-            await wait_until(lambda: gateway.upstreams.busy[0] > 0, what="rollouts on replica 0")
-            os.killpg(old_pid, signal.SIGKILL)
-            groups = await asyncio.wait_for(rollouts, timeout=600)
-            assert sum(len(g.trajectories) for g in groups) == 16
-            assert {t.metadata["weight_version"] for g in groups for t in g.trajectories} == {"1"}
-            await wait_until(
-                lambda: victim.pid not in (None, old_pid) and 0 in run.client.admitted, timeout=400, what="rejoin"
-            )
-            assert replicas.restarts == 1
-            processes |= process_group_members(victim.pid)
-            gaps = await replicas_serve(run, groups)
-            assert all(g < 1e-3 for g in gaps), gaps
+        # SIGKILL one replica while rollouts run: nothing is lost; it comes back on the base weights plus the served
+        # layers. (A replica that dies under `restart` restarts the same way, on the served merged weights.)
+        victim = replicas.replicas[0]
+        old_pid = victim.pid
+        rollouts = asyncio.create_task(gather(model, QUESTIONS, max_tokens=LONG, ignore_eos=True))
+        await wait_until(lambda: gateway.upstreams.busy[0] > 0, what="rollouts on replica 0")
+        os.killpg(old_pid, signal.SIGKILL)
+        groups = await asyncio.wait_for(rollouts, timeout=600)
+        assert sum(len(g.trajectories) for g in groups) == 16
+        assert {t.metadata["weight_version"] for g in groups for t in g.trajectories} == {"1"}
+        await wait_until(
+            lambda: victim.pid not in (None, old_pid) and 0 in run.client.admitted, timeout=400, what="rejoin"
+        )
+        assert replicas.restarts == 1
+        processes |= process_group_members(victim.pid)
+        gaps = await replicas_serve(run, groups)
+        assert all(g < 1e-3 for g in gaps), gaps
 
-            # Step 2 goes to the other layers directory (the replica restarted above read step 1's).
-            served = run.client.layers[0]
-            result = await backend.train(model, groups, learning_rate=LR)
-            assert result.step == 2 and run.restarts == 0
-            gaps = await replicas_serve(run, groups)
-            assert all(g < 1e-3 for g in gaps), gaps
-            assert {Path(served).name, Path(run.client.layers[0]).name} == {"layers-a", "layers-b"}
-        for s in replicas.replicas:  # (`restart` started new ones)
+        # Step 2 (`disk`) goes to the other layers directory (the replica restarted above read step 1's).
+        served = run.client.layers[0]
+        result = await backend.train(model, groups, learning_rate=LR)
+        assert result.step == 2 and run.restarts == 0
+        gaps = await replicas_serve(run, groups)
+        assert all(g < 1e-3 for g in gaps), gaps
+        assert {Path(served).name, Path(run.client.layers[0]).name} == {"layers-a", "layers-b"}
+
+        # Step 3 (`restart`): a rolling restart while rollouts keep coming.
+        run.sync = METHODS["restart"](run.sync.ctx)
+        groups = await gather(model, QUESTIONS)
+        result = await train_under_load(backend, model, groups, learning_rate=LR)
+        assert result.step == 3 and replicas.restarts == 1 and run.restarts == 0  # a roll's restarts are no crashes
+        gaps = await replicas_serve(run, groups)
+        assert all(g < 1e-3 for g in gaps), gaps
+        for s in replicas.replicas:  # (the roll started new ones)
             processes |= process_group_members(s.pid)
     finally:
         await backend.close()

@@ -16,11 +16,12 @@ import signal
 import art
 import pytest
 import torch
-from rollouts import BASE, gather, make_backend, rollout, served_gap, wait_until
+from rollouts import BASE, gather, make_backend, requests_during, rollout, served_gap, wait_until
 
-from art_sglang import SGLangAPIError, StepFailedError
+from art_sglang import SGLangAPIError, SGLangServer, StepFailedError
 from art_sglang.config import Placement
 from art_sglang.tasks import ONE_WORD_QUESTIONS
+from art_sglang.trainer.worker import TrainerGroup
 
 
 def optimizer_updates(run, step: int) -> int:
@@ -167,9 +168,22 @@ async def test_two_train_calls_at_once_run_one_after_the_other(live):
     assert len(list(run.model_dir.glob("packed_tensors_plot_*.png"))) == 1  # ART's plot_tensors, for one call
 
 
-async def test_shared_mode_resume_fails(tmp_path, tiny_base):
-    """Shared mode's stop/start time-share on this CPU: the server fails to come back after the trainer's turn. (The
-    tiny random model: what is tested is the recovery.)"""
+async def test_shared_mode_time_shares_and_a_server_that_does_not_come_back_fails_the_step(
+    tmp_path, monkeypatch, tiny_base
+):
+    """Shared mode on this CPU: release is unavailable here, so the server stops while the trainer works and starts
+    again on the new policy (on a GPU the same flow uses release/resume_memory_occupation). When it does not come back
+    (`fake_start`, injected), the step fails and the model serves its last step; the retry takes exactly one update,
+    with requests coming throughout. (The tiny random model: what is tested is the flow and the recovery.)"""
+    order: list[str] = []
+    for cls, name in ((SGLangServer, "start"), (TrainerGroup, "offload")):
+        original = getattr(cls, name)
+
+        async def recorded(self, *args, _original=original, _what=f"{cls.__name__}.{name}", **kwargs):
+            order.append(_what)
+            return await _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, recorded)
     model = art.TrainableModel(
         name="shared-atomic", run_name="shared-atomic", project="tests", base_model=str(tiny_base)
     )
@@ -177,13 +191,26 @@ async def test_shared_mode_resume_fails(tmp_path, tiny_base):
     backend.placement = Placement("shared", None, [], "forced for this test")
     async with backend:
         await model.register(backend)
+        # The server starts only once the trainer has moved to CPU memory: it sizes its KV pool from what is free.
+        assert order == ["TrainerGroup.offload", "SGLangServer.start"]
         run = backend.model_run(model)
+        assert run.timeshare is not None and run.timeshare.use_release is False
         groups = await gather(model, ONE_WORD_QUESTIONS[:2], group_size=2)
         for i, t in enumerate(t for g in groups for t in g.trajectories):
             t.reward = float(i % 2)
         fail_once(run.server, "start", RuntimeError("injected: the server did not come back"))
         with pytest.raises(StepFailedError, match="(?s)step 1 failed in the publish stage.*did not come back"):
-            await backend.train(model, groups, learning_rate=1e-4)
+            await backend.train(model, groups, learning_rate=1e-2)
         assert run.server.running
         await assert_back_at(backend, model, 0)
-        await retry_takes_one_update(backend, model, groups, 1)
+
+        pid, before = run.server.pid, optimizer_updates(run, 0)
+        result, errors = await requests_during(model, backend.train(model, groups, learning_rate=1e-2))
+        assert errors == []
+        assert result.step == 1 and result.metrics["optimizer_steps"] == 4  # one per trajectory
+        assert optimizer_updates(run, 1) == before + steps_taken(result)  # the failed attempt left no update
+        assert run.server.pid != pid and run.server.running
+        after = await rollout(model, ONE_WORD_QUESTIONS[0])
+        assert after.metadata["weight_version"] == "1"
+        mean, worst = await served_gap(backend, model)  # the restarted server serves the trainer's step 1
+        assert mean < 1e-3 and worst < 1e-2, (mean, worst)

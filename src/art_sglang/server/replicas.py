@@ -395,10 +395,12 @@ class ReplicaSet:
         A replica that dies meanwhile starts on the new weights too. Raises if none of the first half started."""
         client = self.client
         assert client is not None, "start() first"
-        target, previous = str(model_path), self._target
+        target, previous, held = str(model_path), self._target, (client.layers, client.version)
         # From now on every start, the watch's too, is on these weights; a replica counts as on them only if it
         # started during this roll (a step tried again may be exported to the same directory with other weights).
         self._target, self._roll = (target, version), self._roll + 1
+        # They are whole: a replica taken back gets no layers of an earlier `disk` sync over them, and their version.
+        client.layers, client.version = None, version
 
         def fresh(i: int) -> bool:
             up = self.replicas[i].crash_reason() is None and not self._locks[i].locked()  # (not still starting)
@@ -417,6 +419,7 @@ class ReplicaSet:
                     )
             except BaseException:
                 self._target = previous  # a replica that dies now starts on what is served
+                client.layers, client.version = held
                 raise
 
             def flip() -> None:
