@@ -102,10 +102,14 @@ async def test_each_sync_serves_the_new_policy_with_no_stale_cache(trained):
 
 
 async def test_group_samples_reuse_the_prompt_prefix(trained):
+    """The target (docs/benchmarks.md): a group's samples reuse >= 0.95 (G-1)/G of their shared prompt. The gateway's
+    warm-up prefills it once for the samples that arrive within 20 ms of each other; under the suite's load one
+    sample may arrive later and be sent alone, prefilling beside the others (25 of 40 tokens cached, once in CI)."""
     for groups in trained["groups"]:
         for group in groups:
-            for t in group.trajectories:
-                assert t.metrics["cached_tokens"] >= 0.95 * (t.metrics["prompt_tokens"] - 1), t.metrics
+            metrics = [t.metrics for t in group.trajectories]
+            cached, shared = sum(m["cached_tokens"] for m in metrics), metrics[0]["prompt_tokens"] - 1
+            assert cached >= 0.95 * (len(metrics) - 1) * shared, metrics
 
 
 async def test_engine_logprobs_match_the_trainer(trained):
