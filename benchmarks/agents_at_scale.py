@@ -6,7 +6,7 @@ serves `--agents` concurrent episodes through ART's OpenAI client, each three as
 with their results, then an answer (tests/rollouts.py: agent_episodes, the agent tests' episode). Then one
 `backend.train()` on all of them. It reports:
 - errors (episodes that raised), requests, wall time, the most requests in flight at the gateway and the most the
-  server ran in one batch (from its log: `#running-req`);
+  server decoded in one batch (from its log: `Decode batch, #running-req`);
 - the prefix-cache hit (cached / prompt tokens, as the engine reported each turn, in the step's rollout metrics);
 - exactness: every trained turn sits in a training sequence after exactly the prompt the engine was given, with
   exactly its sampled ids (tests/rollouts.py: trained_turns_are_exact), and the engine's logprobs against the
@@ -52,8 +52,9 @@ def save(report: dict[str, object], out: Path | None) -> None:
 
 
 def most_running(log: Path) -> int:
-    """The largest batch the server ran, from its scheduler's log lines."""
-    counts = re.findall(r"#running-req: (\d+)", log.read_text(errors="replace"))
+    """The largest batch the server decoded, from its scheduler's log lines (a prefill line's count is not a batch:
+    in the first run one read 478 with 256 agents)."""
+    counts = re.findall(r"Decode batch, #running-req: (\d+)", log.read_text(errors="replace"))
     return max(map(int, counts), default=0)
 
 
