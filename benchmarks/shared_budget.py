@@ -51,6 +51,15 @@ SHAPES = {
         num_key_value_heads=4,
         tie_word_embeddings=False,
     ),
+    "qwen2.5-14b": dict(
+        vocab_size=152064,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -59,7 +68,7 @@ def build(shape: str, tiny: bool, root: Path) -> Path:
 
     config = qwen_config(tiny)
     if not tiny and SHAPES[shape]:
-        config = Qwen2Config(**{**config.to_dict(), **SHAPES[shape]})
+        config = Qwen2Config(**{**config.to_dict(), **SHAPES[shape], "layer_types": None})
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         torch.set_default_dtype(torch.bfloat16)

@@ -1,8 +1,9 @@
 """Long episodes on one GPU (issue 29 item 3, issue 33): our PolicyTrainer on one sequence of 8k, 16k and 32k tokens,
 gradient checkpointing off and on; and the trainer's side of a `lora` sync for a 7B-shaped adapter (issue 29 item 6).
 
-Model: random weights in Qwen2.5-7B's shape (benchmarks/shared_budget.py's), bf16, LoRA r16 (alpha 32) on all
-linear layers, fp32 adapters and AdamW state, the trainer's defaults otherwise (compiled layers on a GPU).
+Model: random weights in Qwen2.5-7B's shape (`--shape qwen2.5-14b`: 14B's; benchmarks/shared_budget.py's), bf16,
+LoRA r16 (alpha 32) on all linear layers, fp32 adapters and AdamW state, the trainer's defaults otherwise (compiled
+layers on a GPU).
 `TrainerSettings.gradient_checkpointing` is set here directly (`TrainerConfig.gradient_checkpointing` sets it).
 Each setting runs in its own process (a clean allocator and peak counter); per length: one warm-up step
 (compiles), then one measured step: its time (tokens/s = the sequence's tokens / step seconds) and peak allocated
@@ -146,6 +147,27 @@ def payload(trainer, device: str, result: dict, args: argparse.Namespace) -> Non
             p["write_adapter_tmpfs_s"] = median_time(
                 lambda: trainer.write_adapter(Path(tmp) / f"step-{next(steps)}"), device
             )
+            if device == "cuda":  # shared mode writes it after the trainer's offload: from pinned host memory
+                from art_sglang.trainer.pack import _by_dtype
+
+                trainer.offload()
+                p["write_adapter_offloaded_s"] = median_time(
+                    lambda: trainer.write_adapter(Path(tmp) / f"step-{next(steps)}"), "cpu"
+                )
+                host = trainer._adapter_state()  # noqa: SLF001
+                groups = _by_dtype(host)
+                p["stage_offloaded_s"] = median_time(
+                    lambda: [trainer._packer._stage(names, host) for names in groups.values()],
+                    "cpu",  # noqa: SLF001
+                )
+                p["torch_threads"] = torch.get_num_threads()
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)  # a trainer worker's (TrainerConfig.cpu_threads)
+                p["write_adapter_offloaded_1_thread_s"] = median_time(
+                    lambda: trainer.write_adapter(Path(tmp) / f"step-{next(steps)}"), "cpu"
+                )
+                torch.set_num_threads(threads)
+                trainer.reload()
         result["adapter_payload"] = p
         log(f"adapter payload: {p}")
     except Exception as e:  # noqa: BLE001 (recorded; the lengths go on)
@@ -157,6 +179,10 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--lengths", default=None)
+    p.add_argument(
+        "--shape", default="qwen2.5-7b", help="benchmarks/shared_budget.py's SHAPES: qwen2.5-7b, qwen2.5-14b"
+    )
+    p.add_argument("--no-payload", action="store_true", help="skip timing the adapter's way to the server")
     p.add_argument("--settings", default="on,off", help="gradient checkpointing settings, in order")
     p.add_argument("--budget", type=float, default=420, help="seconds for everything")
     p.add_argument("--scratch", default=None, help="where the model is written (default /dev/shm if it has room)")
@@ -175,15 +201,19 @@ def main() -> None:
     if args.build_into:
         from shared_budget import build
 
-        print(build("qwen2.5-7b", args.cpu, Path(args.build_into)))
+        print(build(args.shape, args.cpu, Path(args.build_into)))
         return
     started = time.monotonic()
     deadline = started + args.budget
-    if args.scratch is None:  # the 7B model takes 15 GB
+    if args.scratch is None:  # the 7B model takes 15 GB, the 14B 30 GB
         import shutil
 
         shm = Path("/dev/shm")
-        args.scratch = "/dev/shm" if shm.is_dir() and shutil.disk_usage(shm).free > 20e9 else None
+        args.scratch = (
+            "/dev/shm"
+            if shm.is_dir() and shutil.disk_usage(shm).free > (40e9 if "14b" in args.shape else 20e9)
+            else None
+        )
     out = Path(args.out or Path(os.environ.get("OUT", "/tmp/gpu/out")) / "long_episode.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     import torch
@@ -193,7 +223,7 @@ def main() -> None:
         "machine": f"{platform.node()}, {os.cpu_count()} cores",
         "command": " ".join(sys.argv),
         "torch": torch.__version__,
-        "shape": "tiny (--cpu)" if args.cpu else "qwen2.5-7b",
+        "shape": "tiny (--cpu)" if args.cpu else args.shape,
         "lora": "r16 alpha 32, all linear layers; fp32 adapters and AdamW state; bf16 compute",
         "runs": {},
     }
@@ -203,7 +233,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.scratch) as root:
         t0 = time.perf_counter()
-        cmd = [sys.executable, __file__, "--build-into", root] + (["--cpu"] if args.cpu else [])
+        cmd = [sys.executable, __file__, "--build-into", root, "--shape", args.shape] + (["--cpu"] if args.cpu else [])
         model = Path(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1])
         results["build_s"] = time.perf_counter() - t0
         log(f"model written to {model} in {results['build_s']:.0f} s")
@@ -229,7 +259,8 @@ def main() -> None:
                 str(time.monotonic() + left - 20),
             ]
             cmd += ["--gc"] if gc_on else []
-            cmd += ["--payload"] if not results["runs"] else []  # the first process times the adapter's payload
+            if not results["runs"] and not args.no_payload:  # the first process times the adapter's payload
+                cmd += ["--payload"]
             cmd += ["--cpu"] if args.cpu else []
             t0 = time.perf_counter()
             try:
