@@ -19,7 +19,7 @@ OUT/results.json after every step, server and trainer log tails to OUT/logs.txt,
   c: scripts/benchmark_inference.py's GRPO-shaped workload, groups of 8, 64 tokens, at 64 / 256 / 1,024 requests at
   once, straight to SGLang (with the step's adapter) and through the gateway, same server, same run).
 - `b15` (part b): the same LoRA sync end to end for a random model in Qwen2.5-1.5B's shape (SmolLM2's vocabulary),
-  LoRA r16 on all linear layers.
+  LoRA r16 on all linear layers; `b7` the same for Qwen2.5-7B's layers (issue 29 item 6: a 7B adapter's sync).
 
 On the GPU machine (after benchmarks/gpu/install.sh): `bash benchmarks/gpu/run_h100.sh a`. On this CPU, a reduced
 run of the same code (2-layer models in fp32, the CPU server from .venv-sglang-server, few requests):
