@@ -45,20 +45,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TEMPLATE = ROOT / "tests" / "templates" / "chatml_tools_reasoning.jinja"  # the agent tests' (tests/rollouts.py)
 MODEL_DIR = Path.home() / ".cache" / "art-sglang" / "models" / "SmolLM2-135M-Instruct"
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "add",
-            "description": "Add two integers",
-            "parameters": {
-                "type": "object",
-                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                "required": ["a", "b"],
-            },
-        },
-    }
-]
 CALL_TOKENS, ANSWER_TOKENS = 24, 6  # sampled ids of a tool-call reply and of the answer (the agent tests' sizes)
 
 
@@ -281,6 +267,8 @@ def system_prompt(tokens: int, tokenizer) -> str:
 
 
 async def agent(client, k: int, system: str, latencies: list[float], errors: list[str]) -> None:
+    from rollouts import TOOLS  # the agent tests' tool (imports art: the driver only)
+
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": system},
         {"role": "user", "content": f"Task {k}: add the numbers you are given."},
@@ -389,6 +377,7 @@ async def main() -> None:
 
     raise_file_limit()
     started = time.monotonic()
+    import rollouts  # noqa: F401 (agent()'s import of art, done before any clock starts)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
@@ -423,10 +412,12 @@ async def main() -> None:
                     row["skipped"] = f"{history} x {agents} tokens in flight > --max-tokens-in-flight"
                     save()
                     continue
+                await drive(upstream + "/v1", 1, system)  # warm-up, untimed: first connections, lazy imports
                 row["direct"] = await drive(upstream + "/v1", agents, system)
                 gw = Child("--role", "gateway", "--upstream", upstream, "--warmup", args.warmup, stdin=True)
                 try:
                     url = gw.ask()["url"]
+                    await drive(url, 1, system)  # warm-up, untimed and not counted: the template's compile
                     gw.ask("reset")
                     row["gateway"] = await drive(url, agents, system)  # base_url ends in /v1
                     stats = gw.ask("stats")
