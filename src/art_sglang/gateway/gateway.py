@@ -318,7 +318,9 @@ class Gateway:
         app.router.add_get("/health", self._health)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        # A listen backlog as deep as the bound (the kernel caps it at net.core.somaxconn): at aiohttp's default, 128,
+        # a burst of new connections while this loop was busy was reset (benchmarks/gateway_load.py).
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=bound)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
 
