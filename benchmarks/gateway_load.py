@@ -280,7 +280,7 @@ async def agent(client, k: int, system: str, latencies: list[float], errors: lis
                 model="policy", messages=messages, tools=TOOLS, tool_choice="auto", max_tokens=64, temperature=0.7
             )
         except Exception as e:  # noqa: BLE001 (counted and reported)
-            errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+            errors.append(f"{type(e).__name__}: {str(e)[:200]} (cause: {e.__cause__!r:.200})")
             return
         latencies.append(time.perf_counter() - t0)
         choice = reply.choices[0]
