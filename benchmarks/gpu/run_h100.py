@@ -67,8 +67,9 @@ def log(msg: str) -> None:
 
 # -- models -----------------------------------------------------------------------------------------------------
 def build_models(args: argparse.Namespace, wanted: set[str]) -> dict[str, Path]:
-    """A random model in SmolLM2-135M's shape and one in Qwen2.5-1.5B's (those `wanted`), with SmolLM2's tokenizer,
-    built on the CPU (no CUDA context in this process) and saved in the run's dtype; kept for a later call."""
+    """Random models in SmolLM2-135M's, Qwen2.5-1.5B's and Qwen2.5-7B's shapes (those `wanted`), with SmolLM2's
+    tokenizer, saved in the run's dtype and kept for a later call: built on the CPU (no CUDA context in this process),
+    the 7B one on the GPU by a process of its own."""
     import shutil
     import subprocess
 
@@ -854,12 +855,12 @@ async def main() -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--extra-syncs", type=int, default=4, help="more lora steps for the sync end to end (part b)")
-    p.add_argument("--b15-syncs", type=int, default=3)
+    p.add_argument("--b15-syncs", type=int, default=3, help="steps of the b15 and b7 phases")
     p.add_argument("--levels", default="64,256,1024", help="requests at once for part c ('' skips it)")
     p.add_argument("--throughput-tokens", type=int, default=64)
     p.add_argument("--probe-tokens", type=int, default=128)
     p.add_argument("--build-here", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--small-graph-bs", type=int, default=32, help="--cuda-graph-max-bs of disk/restart/b15 servers")
+    p.add_argument("--small-graph-bs", type=int, default=32, help="--cuda-graph-max-bs of disk/restart/b15/b7 servers")
     args = p.parse_args()
     if args.cpu:
         args.budget = args.budget or 7200
