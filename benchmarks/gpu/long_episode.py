@@ -154,14 +154,12 @@ def payload(trainer, device: str, result: dict, args: argparse.Namespace) -> Non
                 p["write_adapter_offloaded_s"] = median_time(
                     lambda: trainer.write_adapter(Path(tmp) / f"step-{next(steps)}"), "cpu"
                 )
-                host = trainer._adapter_state()  # noqa: SLF001
-                groups = _by_dtype(host)
+                host = trainer._adapter_state()
+                groups = _by_dtype(host)  # the copy into the staging buffer alone, without the file's write
                 p["stage_offloaded_s"] = median_time(
-                    lambda: [trainer._packer._stage(names, host) for names in groups.values()],
-                    "cpu",  # noqa: SLF001
+                    lambda: [trainer._packer._stage(names, host) for names in groups.values()], "cpu"
                 )
-                p["torch_threads"] = torch.get_num_threads()
-                threads = torch.get_num_threads()
+                threads = p["torch_threads"] = torch.get_num_threads()
                 torch.set_num_threads(1)  # a trainer worker's (TrainerConfig.cpu_threads)
                 p["write_adapter_offloaded_1_thread_s"] = median_time(
                     lambda: trainer.write_adapter(Path(tmp) / f"step-{next(steps)}"), "cpu"
