@@ -29,14 +29,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import art  # noqa: E402
-from rollouts import BASE, gather, make_backend  # noqa: E402
+from rollouts import BASE, gather, make_backend, mean_reward  # noqa: E402
 
 from art_sglang.tasks import ONE_WORD_QUESTIONS  # noqa: E402
-
-
-def mean_reward(groups) -> float:
-    rewards = [t.reward for g in groups for t in g.trajectories]
-    return sum(rewards) / len(rewards)
 
 
 async def one_run(questions: int, lr: float, steps: int, index: int) -> dict:

@@ -136,6 +136,11 @@ async def gather(model, questions, group_size=4, **kwargs):
     )
 
 
+def mean_reward(groups) -> float:
+    rewards = [t.reward for g in groups for t in g.trajectories]
+    return sum(rewards) / len(rewards)
+
+
 def training_sequences(run, groups):
     """The samples of `groups` as training sequences (on a copy with distinct rewards: none is left out, even once
     a group's rewards are all equal)."""

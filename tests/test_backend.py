@@ -10,6 +10,7 @@ from rollouts import (
     gather,
     logprob_gaps,
     make_backend,
+    mean_reward,
     requests_during,
     rollout,
     served_gap,
@@ -20,11 +21,6 @@ from art_sglang import ArtSGLangError, ModelNotFoundError
 from art_sglang.tasks import ONE_WORD_QUESTIONS
 
 STEPS = 6
-
-
-def mean_reward(groups) -> float:
-    rewards = [t.reward for g in groups for t in g.trajectories]
-    return sum(rewards) / len(rewards)
 
 
 @pytest.fixture(scope="module")
